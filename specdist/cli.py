@@ -1,0 +1,108 @@
+"""Command-line interface: ``specdist generate | models | info``.
+
+Errors that come from bad input (config keys and values, model paths) end in one line on stderr
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import SpecdistError
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .generate import run_generate
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"output.dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    run_generate(cfg, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import ADAPTERS
+    from .zoo import zoo_listing
+
+    rows = zoo_listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<22} {'family':<14} {'params':>8}  generates")
+    for r in rows:
+        params = f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "-"
+        status = "" if r["available"] else "  [checkpoint missing]"
+        print(f"{r['name']:<22} {r['family']:<14} {params:>8}  {r['generates']}{status}")
+    print("\nLocal checkpoints (model: /path): diffusers pipelines or bare transformers of "
+          + ", ".join(sorted(ADAPTERS)))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .env import environment
+
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return 0
+    gpus = env["gpus"]
+    for key in ("python", "torch", "diffusers", "ray", "specdist", "cuda", "platform", "cpu_count"):
+        print(f"{key:<10} {env[key]}")
+    if gpus.get("available"):
+        print(f"{'driver':<10} {gpus.get('driver')}")
+        for g in gpus.get("gpus", []):
+            print(f"{'gpu':<10} {g}")
+    else:
+        print(f"{'gpu':<10} no GPU ({gpus.get('reason')})")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    raise SpecdistError("'specdist bench' is reserved for the speed-quality benchmark of the caching engine "
+                        "and is not available in this version")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``specdist`` argument parser."""
+    parser = argparse.ArgumentParser(prog="specdist", description="Speculative, distributed diffusion-transformer inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="run one generation job (media + report.json)")
+    gen.add_argument("--config", default=None, help=f"YAML config (default: built-in defaults; see {DEFAULT_CONFIG})")
+    gen.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted keys), repeatable")
+    gen.add_argument("--out", default=None, help="output directory (same as --set output.dir=DIR)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    gen.set_defaults(func=_cmd_generate)
+    models = sub.add_parser("models", help="list the shipped zoo models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=_cmd_models)
+    info = sub.add_parser("info", help="versions, CUDA and GPUs (via NVML)")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_cmd_info)
+    bench = sub.add_parser("bench", help="(reserved) speed-quality benchmark")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``specdist`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecdistError as exc:
+        print(f"specdist: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specdist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

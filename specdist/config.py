@@ -1,0 +1,206 @@
+"""Typed, validated configuration of a specdist job, loaded from YAML with ``--set`` overrides.
+
+A config file maps onto :class:`GenerateConfig` (nested sections map onto nested dataclasses).
+Every field is checked when the config is built: an unknown key or a bad value raises
+:class:`~specdist.errors.ConfigError` naming the dotted key, the value and what is allowed.
+
+Example::
+
+    cfg = load_config("configs/default.yaml", overrides=["steps=20", "output.fps=12"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("full",)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    """Where and how results are written."""
+
+    dir: str = "outputs/latest"
+    """Output directory (created; media and ``report.json`` go here)."""
+    fps: int = 8
+    """Frames per second of written videos."""
+    save_latents: bool = True
+    """Also write the final latents as ``latents.safetensors`` (for exact comparisons)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.fps >= 1, f"{prefix}fps", self.fps, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """One generation job (``specdist generate``)."""
+
+    model: str = "hunyuan-shapes-video"
+    """A zoo name (see ``specdist models``) or a local diffusers directory."""
+    method: str = "full"
+    """Acceleration method; ``full`` computes every step with the whole model."""
+    steps: int = 50
+    """Denoising steps."""
+    seed: int = 0
+    """Seed of the initial noise (sample ``i`` uses its own generator seeded ``seed + i``)."""
+    num_samples: int = 4
+    """Samples to generate."""
+    batch_size: int = 0
+    """Samples per model call; 0 means all ``num_samples`` in one batch."""
+    prompt: list[str] = field(default_factory=list)
+    """Prompts for text-conditioned models (cycled over samples); empty means the model's defaults."""
+    class_labels: list[str] = field(default_factory=list)
+    """Class names or ids for class-conditional models (cycled); empty means the model's defaults."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; ``null`` means the model's default."""
+    height: int | None = None
+    """Output height in pixels; ``null`` means the model's default."""
+    width: int | None = None
+    """Output width in pixels; ``null`` means the model's default."""
+    frames: int | None = None
+    """Video frames; ``null`` means the model's default (ignored for image models)."""
+    scheduler: str | None = None
+    """diffusers scheduler class for a bare transformer directory without ``scheduler/``."""
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``."""
+    dtype: str = "float32"
+    """Compute dtype of the transformer."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        _check(bool(self.model), f"{prefix}model", self.model, "a zoo model name or a local path")
+        _check(self.method in METHODS, f"{prefix}method", self.method, f"one of {list(METHODS)}")
+        _check(self.steps >= 1, f"{prefix}steps", self.steps, "an integer >= 1")
+        _check(self.num_samples >= 1, f"{prefix}num_samples", self.num_samples, "an integer >= 1")
+        _check(self.batch_size >= 0, f"{prefix}batch_size", self.batch_size, "an integer >= 0")
+        _check(self.device in DEVICES, f"{prefix}device", self.device, f"one of {list(DEVICES)}")
+        _check(self.dtype in DTYPES, f"{prefix}dtype", self.dtype, f"one of {list(DTYPES)}")
+        if self.guidance_scale is not None:
+            _check(self.guidance_scale >= 1.0, f"{prefix}guidance_scale", self.guidance_scale, "a number >= 1.0 or null")
+        for key in ("height", "width", "frames"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"{prefix}{key}", value, "an integer >= 1 or null")
+        self.output.validate(f"{prefix}output.")
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per model call."""
+        return self.batch_size or self.num_samples
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML value to ``annotation`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a mapping of {annotation.__name__} fields)")
+        return _build(annotation, value, f"{key}.")
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a list)")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: one of {list(args)})")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: true or false)")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: an integer)")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a number)")
+        return float(value)
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a string)")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (allowed: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], cls: type = GenerateConfig) -> Any:
+    """Build and validate a config dataclass from a plain dict."""
+    cfg = _build(cls, data or {})
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys, YAML values) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"invalid override {item!r} (allowed: key=value, e.g. steps=20 or output.fps=12)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid value for '{key}': {raw!r} is not valid YAML ({exc.problem})") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"invalid override '{key}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = GenerateConfig) -> Any:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    apply_overrides(data, list(overrides))
+    return config_from_dict(data, cls)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a plain dict (for reports)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,15 @@
+"""Errors that the CLI reports as one clear line (no traceback)."""
+
+from __future__ import annotations
+
+
+class SpecdistError(Exception):
+    """Base class of every user-facing specdist error."""
+
+
+class ConfigError(SpecdistError, ValueError):
+    """An invalid configuration: names the key, the value and what is allowed."""
+
+
+class CheckpointError(SpecdistError, FileNotFoundError):
+    """A missing or malformed model path: names the path and what was expected."""

@@ -1,0 +1,217 @@
+"""Loading models: a zoo name, a specdist zoo directory, a diffusers pipeline or a bare transformer.
+
+:func:`load_model` returns a :class:`ModelBundle`, which knows how to encode the job's prompts or
+class labels into a :class:`~specdist.models.Conditioning` and how to decode final latents into
+pixels. A missing or malformed path raises :class:`~specdist.errors.CheckpointError` naming the
+path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .models import ModelAdapter, adapter_for
+from .models.base import Conditioning
+from .models.dit import DiTAdapter
+from .models.hunyuan_video import HunyuanVideoAdapter
+from .zoo import ZOO_SPECS, checkpoint_path
+from .zoo.text_encoder import PromptEncoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_VIDEO_PROMPTS = [
+    "red square moving right",
+    "blue circle moving down",
+    "green square moving up",
+    "yellow circle moving left",
+]
+EXPECTED = (
+    "a zoo model name ({zoo}), or a directory holding model_index.json (diffusers pipeline), "
+    "config.json + weights (bare transformer) or specdist_model.json (specdist zoo format)"
+)
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with everything a generation needs."""
+
+    name: str
+    source: str  # "zoo" | "pipeline" | "transformer"
+    path: Path
+    transformer: nn.Module
+    adapter: ModelAdapter
+    scheduler: Any
+    text_encoder: PromptEncoder | None = None
+    pipeline: Any = None
+    class_names: tuple[str, ...] = ()
+    default_guidance: float = 1.0
+    default_size: tuple[int, int, int] = (32, 32, 1)  # height, width, frames (latent units)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def conditions_on(self) -> str:
+        """``"text"``, ``"class"`` or ``"none"``."""
+        if self.adapter.family == "dit":
+            return "class"
+        return "text" if (self.text_encoder is not None or self.pipeline is not None) else "none"
+
+    def latent_shape(self, height: int | None, width: int | None, frames: int | None) -> tuple[int, ...]:
+        """Per-sample latent shape for the requested size (defaults where ``None``)."""
+        h, w, f = height or self.default_size[0], width or self.default_size[1], frames or self.default_size[2]
+        if self.pipeline is not None and (height or width or frames):
+            h, w, f = self.adapter.pipeline_latent_size(self.pipeline, h, w, f)
+        return self.adapter.latent_shape(self.transformer, h, w, f)
+
+    def class_ids(self, labels: list[str]) -> list[int]:
+        """Class ids from names or integer strings; errors name the bad label."""
+        ids = []
+        limit = self.transformer.config.num_embeds_ada_norm
+        for label in labels:
+            if label in self.class_names:
+                ids.append(self.class_names.index(label))
+            elif str(label).isdigit() and int(label) < limit:
+                ids.append(int(label))
+            else:
+                allowed = ", ".join(self.class_names) if self.class_names else f"integers 0..{limit - 1}"
+                raise ConfigError(f"invalid value for 'class_labels': {label!r} (allowed: {allowed})")
+        return ids
+
+    def encode(self, prompts: list[str], labels: list[str], guidance_scale: float, seed: int) -> Conditioning:
+        """Conditioning for a batch (``prompts``/``labels`` already cycled to the batch size)."""
+        device = self.device
+        if self.adapter.family == "dit":
+            ids = torch.tensor(self.class_ids(labels), dtype=torch.long)
+            if self.pipeline is not None:
+                return self.adapter.pipeline_conditioning(self.pipeline, [], ids.tolist(), guidance_scale, device)
+            return DiTAdapter().conditioning(self.transformer, ids, guidance_scale)
+        if self.text_encoder is not None:
+            with torch.inference_mode():
+                cond = self.text_encoder(prompts)
+                uncond = self.text_encoder([""] * len(prompts)) if guidance_scale > 1.0 else None
+            return HunyuanVideoAdapter.conditioning(*cond, uncond=uncond, guidance_scale=guidance_scale)
+        if self.pipeline is not None:
+            return self.adapter.pipeline_conditioning(self.pipeline, prompts, [], guidance_scale, device)
+        gen = torch.Generator().manual_seed(seed)
+        return self.adapter.random_conditioning(self.transformer, len(prompts), gen, guidance_scale)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """Pixels in [-1, 1] (``[B, 3, H, W]`` or ``[B, 3, F, H, W]``), or ``None`` when the
+        bundle has no decoder (bare latent-space transformer)."""
+        if self.source == "zoo":
+            return latents.clamp(-1, 1)
+        if self.pipeline is not None:
+            with torch.inference_mode():
+                return self.adapter.pipeline_decode(self.pipeline, latents.to(self.device)).float().cpu().clamp(-1, 1)
+        return None
+
+
+def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    meta = json.loads((path / "specdist_model.json").read_text())
+    spec = ZOO_SPECS.get(meta.get("name", name))
+    if spec is None:
+        raise CheckpointError(f"{path}: specdist_model.json names unknown zoo model {meta.get('name')!r}")
+    cls = getattr(diffusers, spec.transformer_class)
+    transformer = cls.from_pretrained(path / "transformer", torch_dtype=dtype).to(device).eval()
+    scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(path / "scheduler")
+    text_encoder = None
+    if (path / "text_encoder").is_dir():
+        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32).to(device).eval()
+    c, *rest = spec.sample_shape
+    frames = rest[0] if len(rest) == 3 else 1
+    return ModelBundle(
+        name=spec.name, source="zoo", path=path, transformer=transformer, adapter=adapter_for(transformer),
+        scheduler=scheduler, text_encoder=text_encoder, class_names=spec.class_names,
+        default_guidance=spec.default_guidance, default_size=(rest[-2], rest[-1], frames), meta=meta,
+    )
+
+
+def _pipeline_bundle(path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise CheckpointError(f"{path}: the pipeline has no 'transformer' component (specdist accelerates diffusion transformers)")
+    adapter = adapter_for(transformer)
+    labels = tuple(getattr(pipe, "labels", {}) or ())
+    size = getattr(transformer.config, "sample_size", 32) or 32
+    return ModelBundle(
+        name=str(path), source="pipeline", path=path, transformer=transformer.eval(), adapter=adapter,
+        scheduler=pipe.scheduler, pipeline=pipe, class_names=labels,
+        default_guidance=4.0 if adapter.family == "dit" else 1.0, default_size=(size, size, 1),
+    )
+
+
+def _transformer_bundle(path: Path, scheduler_name: str | None, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    config = json.loads((path / "config.json").read_text())
+    cls_name = config.get("_class_name")
+    try:
+        adapter = adapter_for(cls_name or "<missing _class_name>")
+    except ValueError as exc:
+        raise CheckpointError(f"{path}/config.json: {exc}") from None
+    if not scheduler_name:
+        raise ConfigError(
+            f"invalid value for 'scheduler': None (allowed: a diffusers scheduler class name such as "
+            f"DDIMScheduler or FlowMatchEulerDiscreteScheduler; a bare transformer directory {path} has no scheduler)"
+        )
+    sched_cls = getattr(diffusers, scheduler_name, None)
+    if sched_cls is None or not scheduler_name.endswith("Scheduler"):
+        raise ConfigError(f"invalid value for 'scheduler': {scheduler_name!r} (allowed: a diffusers scheduler class name)")
+    transformer = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype).to(device).eval()
+    size = getattr(transformer.config, "sample_size", 32) or 32
+    return ModelBundle(
+        name=str(path), source="transformer", path=path, transformer=transformer, adapter=adapter,
+        scheduler=sched_cls(), default_size=(size, size, 1),
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("invalid value for 'device': 'cuda' (no CUDA GPU is available here; allowed: auto, cpu)")
+    return torch.device(device)
+
+
+def load_model(model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str | None = None) -> ModelBundle:
+    """Load ``model`` (zoo name or local path) onto ``device`` in ``dtype``."""
+    dev, dt = resolve_device(device), DTYPES[dtype]
+    expected = EXPECTED.format(zoo=", ".join(ZOO_SPECS))
+    if model in ZOO_SPECS:
+        path = checkpoint_path(model)
+        if not (path / "specdist_model.json").is_file():
+            raise CheckpointError(f"zoo checkpoint missing: {path} (train it: python -m specdist.zoo.train --model {model} ...)")
+        kind = "zoo"
+    else:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"model path not found: {path} (expected {expected})")
+        if not path.is_dir():
+            raise CheckpointError(f"model path is not a directory: {path} (expected {expected})")
+        if (path / "specdist_model.json").is_file():
+            kind = "zoo"
+        elif (path / "model_index.json").is_file():
+            kind = "pipeline"
+        elif (path / "config.json").is_file():
+            kind = "transformer"
+        else:
+            raise CheckpointError(f"not a model directory: {path} (expected {expected})")
+    try:
+        if kind == "zoo":
+            return _zoo_bundle(model, path, dev, dt)
+        if kind == "pipeline":
+            return _pipeline_bundle(path, dev, dt)
+        return _transformer_bundle(path, scheduler, dev, dt)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not load {kind} checkpoint at {path}: {first}") from None

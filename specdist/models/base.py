@@ -1,0 +1,145 @@
+"""The model-adapter contract: every model-specific fact the runtime needs, in one place.
+
+An adapter is stateless; it describes one diffusers transformer class:
+
+* which module lists are the transformer blocks (in execution order) and which block is the probe;
+* how one denoising step calls the model (input layout, timestep convention, conditioning kwargs);
+* how the scheduler's timesteps are set up the way the model's diffusers pipeline does it;
+* how latents are laid out (shape for a given height/width/frames) and tokenised (token counts).
+
+Conditioning tensors travel in a :class:`Conditioning`; classifier-free guidance is applied by
+:meth:`ModelAdapter.predict`, which runs the conditional and unconditional halves as one batch
+(conditional first, as diffusers' DiT pipeline does).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Per-sample model inputs that do not change over the denoising steps.
+
+    Every tensor in ``kwargs``/``uncond_kwargs`` is batch-first (``[B, ...]``) and is passed to the
+    transformer's forward under its key. ``uncond_kwargs`` is ``None`` when guidance is off.
+    """
+
+    kwargs: dict[str, torch.Tensor]
+    uncond_kwargs: dict[str, torch.Tensor] | None = None
+    guidance_scale: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)  # non-batched kwargs (e.g. Flux ids)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples described."""
+        return next(iter(self.kwargs.values())).shape[0]
+
+    def select(self, index: torch.Tensor) -> "Conditioning":
+        """The conditioning of a sub-batch (``index``: 1-D long tensor of sample positions)."""
+        pick = lambda d: None if d is None else {k: v[index.to(v.device)] for k, v in d.items()}
+        return Conditioning(pick(self.kwargs), pick(self.uncond_kwargs), self.guidance_scale, self.extra)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditioning":
+        """Move tensors to ``device``; floating tensors are cast to ``dtype`` when given."""
+        def move(d):
+            if d is None:
+                return None
+            return {k: v.to(device=device, dtype=dtype if (dtype and v.is_floating_point()) else v.dtype)
+                    for k, v in d.items()}
+        return Conditioning(move(self.kwargs), move(self.uncond_kwargs), self.guidance_scale, self.extra)
+
+
+class ModelAdapter(ABC):
+    """Model facts for one diffusers transformer class (see the module docstring)."""
+
+    family: ClassVar[str]
+    model_class: ClassVar[str]  # diffusers class name
+    is_video: ClassVar[bool] = False
+
+    # ----- structure -------------------------------------------------------------------------
+    @abstractmethod
+    def block_lists(self, model: nn.Module) -> list[str]:
+        """Names of the ``nn.ModuleList`` attributes holding blocks, in execution order."""
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """Every transformer block in execution order."""
+        return [b for name in self.block_lists(model) for b in getattr(model, name)]
+
+    def block_names(self, model: nn.Module) -> list[str]:
+        """Qualified module names of :meth:`blocks` (e.g. ``transformer_blocks.3``)."""
+        return [f"{name}.{i}" for name in self.block_lists(model) for i in range(len(getattr(model, name)))]
+
+    def probe_block_index(self, model: nn.Module) -> int:
+        """Default block used to verify forecasts cheaply: the last one."""
+        return len(self.blocks(model)) - 1
+
+    @abstractmethod
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """Names of the modules that turn the last block's hidden states into the output."""
+
+    # ----- shapes ----------------------------------------------------------------------------
+    @abstractmethod
+    def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
+        """Per-sample latent shape (no batch dim) for an output of the given pixel size.
+
+        ``height``/``width``/``frames`` are in the model's own latent units when the model works
+        in pixel space (the zoo) and must be divided by the VAE factors by the caller otherwise.
+        """
+
+    @abstractmethod
+    def token_counts(self, model: nn.Module, latent_shape: tuple[int, ...], cond: Conditioning | None) -> tuple[int, int]:
+        """(image/video tokens, text tokens) of one sample: what attention and FLOPs scale with."""
+
+    # ----- calling ---------------------------------------------------------------------------
+    def set_timesteps(self, scheduler: Any, steps: int, latent_shape: tuple[int, ...], device: torch.device) -> None:
+        """Set up ``scheduler`` for ``steps`` steps as the model's diffusers pipeline does."""
+        scheduler.set_timesteps(steps, device=device)
+
+    @abstractmethod
+    def forward(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+                kwargs: dict[str, torch.Tensor], extra: dict[str, Any]) -> torch.Tensor:
+        """One transformer call. ``latents``: ``[B, *latent_shape]``; ``timestep``: scalar tensor
+        from ``scheduler.timesteps``. Returns the model output in the scheduler's prediction space
+        with the latents' shape (learned-variance channels already dropped)."""
+
+    def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Model output for one step, with classifier-free guidance when ``cond`` asks for it."""
+        if cond.uncond_kwargs is None or cond.guidance_scale <= 1.0:
+            return self.forward(model, latents, timestep, cond.kwargs, cond.extra)
+        both = {k: torch.cat([cond.kwargs[k], cond.uncond_kwargs[k]]) for k in cond.kwargs}
+        out = self.forward(model, torch.cat([latents, latents]), timestep, both, cond.extra)
+        out_cond, out_uncond = out.chunk(2)
+        return out_uncond + cond.guidance_scale * (out_cond - out_uncond)
+
+    # ----- diffusers pipelines (users' local checkpoints) ---------------------------------------
+    def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:
+        """(height, width, frames) in latent units for a pipeline's VAE."""
+        raise NotImplementedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
+
+    def pipeline_conditioning(self, pipe: Any, prompts: list[str], class_labels: list[int],
+                              guidance_scale: float, device: torch.device) -> Conditioning:
+        """Encode prompts (or class labels) with the pipeline's own encoders."""
+        raise NotImplementedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
+
+    def pipeline_decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Decode final latents with the pipeline's VAE to pixels in [-1, 1]."""
+        raise NotImplementedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
+
+    @abstractmethod
+    def random_conditioning(self, model: nn.Module, batch: int, generator: torch.Generator,
+                            guidance_scale: float = 1.0) -> Conditioning:
+        """Conditioning of the right shapes with random content (tests, random-weight timing)."""
+
+
+def timestep_batch(timestep: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``timestep`` (scalar) expanded to ``[batch]`` on ``device``."""
+    t = torch.as_tensor(timestep, device=device)
+    if dtype is not None:
+        t = t.to(dtype)
+    return t.reshape(-1)[:1].expand(batch)

@@ -1,0 +1,81 @@
+"""Adapter for diffusers ``HunyuanVideoTransformer3DModel`` (HunyuanVideo, Kong et al. 2024)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Conditioning, ModelAdapter, timestep_batch
+
+
+class HunyuanVideoAdapter(ModelAdapter):
+    """HunyuanVideo: dual-stream ``transformer_blocks`` then single-stream ``single_transformer_blocks``.
+
+    Calls follow ``HunyuanVideoPipeline``: latents ``[B, C, F, H, W]``, ``timestep = t`` (sigma ×
+    1000), flow-matching sigmas ``linspace(1, 0, N + 1)[:-1]``, and for guidance-distilled
+    checkpoints (``guidance_embeds``) an embedded guidance of ``scale × 1000`` passed as
+    ``extra["embedded_guidance"]``. True classifier-free guidance (the pipeline's
+    ``true_cfg_scale``) runs conditional and unconditional prompts in one batch.
+    """
+
+    family = "hunyuan_video"
+    model_class = "HunyuanVideoTransformer3DModel"
+    is_video = True
+
+    def block_lists(self, model: nn.Module) -> list[str]:
+        return ["transformer_blocks", "single_transformer_blocks"]
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return ["norm_out", "proj_out"]
+
+    def latent_shape(self, model, height, width, frames) -> tuple[int, ...]:
+        return (model.config.in_channels, frames, height, width)
+
+    def token_counts(self, model, latent_shape, cond) -> tuple[int, int]:
+        p, pt = model.config.patch_size, model.config.patch_size_t
+        video = (latent_shape[1] // pt) * (latent_shape[2] // p) * (latent_shape[3] // p)
+        text = 0 if cond is None else int(cond.kwargs["encoder_hidden_states"].shape[1])
+        return video, text
+
+    def set_timesteps(self, scheduler, steps, latent_shape, device) -> None:
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+
+    def forward(self, model, latents, timestep, kwargs, extra) -> torch.Tensor:
+        b = latents.shape[0]
+        t = timestep_batch(timestep, b, latents.device, latents.dtype)
+        guidance = None
+        if model.config.guidance_embeds:
+            scale = extra.get("embedded_guidance", 6.0)
+            guidance = torch.full((b,), scale * 1000.0, device=latents.device, dtype=latents.dtype)
+        return model(
+            hidden_states=latents,
+            timestep=t,
+            encoder_hidden_states=kwargs["encoder_hidden_states"],
+            encoder_attention_mask=kwargs["encoder_attention_mask"],
+            pooled_projections=kwargs["pooled_projections"],
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+
+    @staticmethod
+    def conditioning(states: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor,
+                     uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     guidance_scale: float = 1.0, embedded_guidance: float | None = None) -> Conditioning:
+        """Conditioning from encoded prompts (``states [B, L, D]``, ``mask [B, L]``, ``pooled [B, P]``)."""
+        pack = lambda s, m, p: {"encoder_hidden_states": s, "encoder_attention_mask": m, "pooled_projections": p}
+        extra = {} if embedded_guidance is None else {"embedded_guidance": embedded_guidance}
+        return Conditioning(pack(states, mask, pooled), None if uncond is None else pack(*uncond),
+                            guidance_scale, extra)
+
+    def random_conditioning(self, model, batch, generator, guidance_scale=1.0) -> Conditioning:
+        length = 6
+        def draw():
+            states = torch.randn(batch, length, model.config.text_embed_dim, generator=generator)
+            mask = torch.ones(batch, length, dtype=torch.bool)
+            mask[:, length - 2:] = False
+            pooled = torch.randn(batch, model.config.pooled_projection_dim, generator=generator)
+            return states, mask, pooled
+        uncond = draw() if guidance_scale > 1.0 else None
+        return self.conditioning(*draw(), uncond=uncond, guidance_scale=guidance_scale)

@@ -1,0 +1,97 @@
+"""The full-compute sampling loop over diffusers schedulers.
+
+One step is ``latents ← scheduler.step(adapter.predict(model, scale(latents), t, cond), t, latents)``
+with the scheduler's timesteps set up by the adapter exactly as the model's diffusers pipeline
+sets them. Initial noise is drawn per sample from its own seeded generator, so a sample's result
+does not depend on which other samples share its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .models.base import Conditioning, ModelAdapter
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class SampleResult:
+    """Result of one sampling run over a batch."""
+
+    latents: torch.Tensor  # [B, *latent_shape] final latents, float32
+    nfe: float  # full-model evaluations per sample (a guided call counts once)
+    wall_s: float
+    timesteps: list[float] = field(default_factory=list)
+
+
+def initial_noise(latent_shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """``[len(seeds), *latent_shape]`` float32 standard normal noise, sample ``i`` from ``seeds[i]``."""
+    return torch.stack([
+        torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds
+    ])
+
+
+def fresh_scheduler(scheduler: Any) -> Any:
+    """An independent copy of ``scheduler`` (multistep schedulers carry state per generation)."""
+    return copy.deepcopy(scheduler)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of ``model``'s parameters."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def sample_full(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    scheduler: Any,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    steps: int,
+    *,
+    progress: bool = True,
+    desc: str = "sampling",
+    on_step: StepCallback | None = None,
+) -> SampleResult:
+    """Run ``steps`` denoising steps computing the full model at every step.
+
+    Args:
+        model: the diffusers transformer.
+        adapter: its :class:`ModelAdapter`.
+        scheduler: a diffusers scheduler (copied; the caller's instance is not modified).
+        cond: conditioning for the batch (same batch size as ``noise``).
+        noise: initial noise ``[B, *latent_shape]`` (see :func:`initial_noise`).
+        steps: number of denoising steps.
+        progress: show a tqdm bar over steps.
+        on_step: called as ``on_step(step_index, timestep, latents_after_step)``.
+    """
+    device = next(model.parameters()).device
+    dtype = model_dtype(model)
+    sched = fresh_scheduler(scheduler)
+    adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
+    latents = noise.to(device=device, dtype=torch.float32) * sched.init_noise_sigma
+    cond = cond.to(device, dtype)
+    start = time.perf_counter()
+    timesteps = list(sched.timesteps)
+    with torch.inference_mode():
+        for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
+            x_in = sched.scale_model_input(latents, t).to(dtype)
+            out = adapter.predict(model, x_in, t, cond).float()
+            latents = sched.step(out, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i, t, latents)
+    return SampleResult(
+        latents=latents.float().cpu(),
+        nfe=float(len(timesteps)),
+        wall_s=time.perf_counter() - start,
+        timesteps=[float(t) for t in timesteps],
+    )

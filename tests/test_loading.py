@@ -1,0 +1,80 @@
+"""Model loading: local checkpoints in each supported layout, and clear errors for bad paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+from specdist.errors import CheckpointError, ConfigError
+from specdist.loading import load_model
+
+
+def _tiny_dit(path):
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    model.save_pretrained(path)
+    return model
+
+
+def test_missing_path_names_it(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(CheckpointError) as info:
+        load_model(str(missing), device="cpu")
+    assert str(missing) in str(info.value) and "model_index.json" in str(info.value)
+
+
+def test_unknown_zoo_like_name_is_a_missing_path():
+    with pytest.raises(CheckpointError, match="model path not found: dit-shapez"):
+        load_model("dit-shapez", device="cpu")
+
+
+def test_directory_without_model_files(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match=f"not a model directory: {tmp_path}"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_file_instead_of_directory(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\0")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        load_model(str(f), device="cpu")
+
+
+def test_bare_transformer_loads_with_named_scheduler(tmp_path):
+    original = _tiny_dit(tmp_path / "dit")
+    bundle = load_model(str(tmp_path / "dit"), device="cpu", scheduler="DDIMScheduler")
+    assert bundle.source == "transformer" and isinstance(bundle.scheduler, DDIMScheduler)
+    for a, b in zip(original.state_dict().values(), bundle.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    assert bundle.latent_shape(None, None, None) == (4, 8, 8)
+
+
+def test_bare_transformer_needs_a_scheduler(tmp_path):
+    _tiny_dit(tmp_path / "dit")
+    with pytest.raises(ConfigError, match="invalid value for 'scheduler': None"):
+        load_model(str(tmp_path / "dit"), device="cpu")
+    with pytest.raises(ConfigError, match="'NotAScheduler'"):
+        load_model(str(tmp_path / "dit"), device="cpu", scheduler="NotAScheduler")
+
+
+def test_malformed_checkpoints_name_the_path(tmp_path):
+    _tiny_dit(tmp_path / "dit")
+    (tmp_path / "dit" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=f"could not load transformer checkpoint at {tmp_path / 'dit'}"):
+        load_model(str(tmp_path / "dit"), device="cpu", scheduler="DDIMScheduler")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(CheckpointError, match="no specdist adapter for UNet2DModel"):
+        load_model(str(odd), device="cpu", scheduler="DDIMScheduler")
+
+
+def test_cuda_without_gpu_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        load_model("dit-shapes", device="cuda")
