@@ -122,11 +122,11 @@ def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype)
     if spec is None:
         raise CheckpointError(f"{path}: specdist_model.json names unknown zoo model {meta.get('name')!r}")
     cls = getattr(diffusers, spec.transformer_class)
-    transformer = cls.from_pretrained(path / "transformer", torch_dtype=dtype).to(device).eval()
+    transformer = cls.from_pretrained(path / "transformer", torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
     scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(path / "scheduler")
     text_encoder = None
     if (path / "text_encoder").is_dir():
-        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32).to(device).eval()
+        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
     c, *rest = spec.sample_shape
     frames = rest[0] if len(rest) == 3 else 1
     return ModelBundle(
@@ -137,7 +137,7 @@ def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype)
 
 
 def _pipeline_bundle(path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False).to(device)
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise CheckpointError(f"{path}: the pipeline has no 'transformer' component (specdist accelerates diffusion transformers)")
@@ -166,7 +166,7 @@ def _transformer_bundle(path: Path, scheduler_name: str | None, device: torch.de
     sched_cls = getattr(diffusers, scheduler_name, None)
     if sched_cls is None or not scheduler_name.endswith("Scheduler"):
         raise ConfigError(f"invalid value for 'scheduler': {scheduler_name!r} (allowed: a diffusers scheduler class name)")
-    transformer = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype).to(device).eval()
+    transformer = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
     size = getattr(transformer.config, "sample_size", 32) or 32
     return ModelBundle(
         name=str(path), source="transformer", path=path, transformer=transformer, adapter=adapter,

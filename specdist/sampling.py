@@ -45,6 +45,17 @@ def fresh_scheduler(scheduler: Any) -> Any:
     return copy.deepcopy(scheduler)
 
 
+def init_latents(scheduler: Any, noise: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Initial float32 latents: ``noise`` scaled by the scheduler's ``init_noise_sigma`` (if any)."""
+    return noise.to(device=device, dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def scale_input(scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """``scheduler.scale_model_input`` where the scheduler has one (flow matching has not)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, timestep)
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype of ``model``'s parameters."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -78,13 +89,13 @@ def sample_full(
     dtype = model_dtype(model)
     sched = fresh_scheduler(scheduler)
     adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
-    latents = noise.to(device=device, dtype=torch.float32) * sched.init_noise_sigma
+    latents = init_latents(sched, noise, device)
     cond = cond.to(device, dtype)
     start = time.perf_counter()
     timesteps = list(sched.timesteps)
     with torch.inference_mode():
         for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
-            x_in = sched.scale_model_input(latents, t).to(dtype)
+            x_in = scale_input(sched, latents, t).to(dtype)
             out = adapter.predict(model, x_in, t, cond).float()
             latents = sched.step(out, t, latents, return_dict=False)[0]
             if on_step is not None:

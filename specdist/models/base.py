@@ -22,6 +22,48 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """How a block passes its hidden-state streams.
+
+    ``inputs``: (keyword name, positional index) of each stream in the block's call;
+    ``outputs``: position of each stream in the returned tuple, or ``None`` when the block
+    returns the single stream as a tensor.
+    """
+
+    inputs: tuple[tuple[str, int], ...] = (("hidden_states", 0),)
+    outputs: tuple[int, ...] | None = None
+
+    def read(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """The stream tensors of one block call."""
+        return tuple(kwargs[n] if n in kwargs else args[i] for n, i in self.inputs)
+
+    def replace(self, args: tuple, kwargs: dict, streams: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with the streams replaced by ``streams``."""
+        args, kwargs = list(args), dict(kwargs)
+        for (name, pos), value in zip(self.inputs, streams):
+            if name in kwargs or pos >= len(args):
+                kwargs[name] = value
+            else:
+                args[pos] = value
+        return tuple(args), kwargs
+
+    def pack(self, streams: tuple[torch.Tensor, ...]) -> Any:
+        """A block return value holding ``streams``."""
+        if self.outputs is None:
+            return streams[0]
+        out: list[Any] = [None] * len(self.outputs)
+        for stream, pos in zip(streams, self.outputs):
+            out[pos] = stream
+        return tuple(out)
+
+    def unpack(self, output: Any) -> tuple[torch.Tensor, ...]:
+        """The streams of a block return value, in input order."""
+        if self.outputs is None:
+            return (output,)
+        return tuple(output[pos] for pos in self.outputs)
+
+
 @dataclass
 class Conditioning:
     """Per-sample model inputs that do not change over the denoising steps.
@@ -78,6 +120,10 @@ class ModelAdapter(ABC):
     def probe_block_index(self, model: nn.Module) -> int:
         """Default block used to verify forecasts cheaply: the last one."""
         return len(self.blocks(model)) - 1
+
+    def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
+        """Stream layout of block ``index`` (default: one ``hidden_states`` tensor in and out)."""
+        return StreamSpec()
 
     @abstractmethod
     def head_modules(self, model: nn.Module) -> list[str]:

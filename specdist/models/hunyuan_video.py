@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
-from .base import Conditioning, ModelAdapter, timestep_batch
+from .base import Conditioning, ModelAdapter, StreamSpec, timestep_batch
+
+_STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(0, 1))
 
 
 class HunyuanVideoAdapter(ModelAdapter):
@@ -28,6 +33,10 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["norm_out", "proj_out"]
+
+    def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
+        # Every block (dual and single stream) takes and returns (hidden_states, encoder_hidden_states).
+        return _STREAMS
 
     def latent_shape(self, model, height, width, frames) -> tuple[int, ...]:
         return (model.config.in_channels, frames, height, width)
@@ -79,3 +88,29 @@ class HunyuanVideoAdapter(ModelAdapter):
             return states, mask, pooled
         uncond = draw() if guidance_scale > 1.0 else None
         return self.conditioning(*draw(), uncond=uncond, guidance_scale=guidance_scale)
+
+    # ----- diffusers pipelines ---------------------------------------------------------------
+    def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:
+        s, st = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        return height // s, width // s, (frames - 1) // st + 1
+
+    def pipeline_conditioning(self, pipe: Any, prompts: list[str], class_labels: list[int],
+                              guidance_scale: float, device: torch.device) -> Conditioning:
+        """Guidance-distilled checkpoints: ``guidance_scale`` is the embedded guidance (as
+        ``HunyuanVideoPipeline(guidance_scale=...)``); otherwise ``> 1`` means true CFG against ``""``."""
+        seq = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+        dtype = pipe.transformer.dtype
+
+        def enc(p: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            states, pooled, mask = pipe.encode_prompt(prompt=p, prompt_2=None, num_videos_per_prompt=1,
+                                                      device=device, max_sequence_length=seq)
+            return states.to(dtype), mask.to(dtype), pooled.to(dtype)
+        if pipe.transformer.config.guidance_embeds:
+            return self.conditioning(*enc(prompts), embedded_guidance=guidance_scale)
+        uncond = enc([""] * len(prompts)) if guidance_scale > 1.0 else None
+        return self.conditioning(*enc(prompts), uncond=uncond, guidance_scale=guidance_scale)
+
+    def pipeline_decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        return vae.decode(z, return_dict=False)[0].clamp(-1, 1)

@@ -1,0 +1,201 @@
+"""The caching sampling loop: forecast, verify, accept or roll back — per sample (DESIGN §2.2).
+
+For each step ``i`` at time ``s_i`` and each sample ``b`` of the batch:
+
+1. If ``b`` must be computed fully (warm-up, empty cache, run too long; see
+   :mod:`~specdist.engine.policy`), skip to 3.
+2. *Speculate*: forecast the probe block's input streams (and its output) from ``b``'s full steps
+   with the Taylor cache; run the model with every block skipped except the probe, which runs for
+   real on the forecast input. Error ``e_b`` = distance(forecast probe output, true probe output).
+   Accept when ``e_b < τ(i / (N−1))`` and the output is finite: ``b``'s model output for this step
+   is the head applied to the probe's true output.
+3. *Full* (scheduled, or rejected in 2 — the rollback): compute the whole model for ``b`` at the
+   *same* state ``x_i``; its features refresh ``b``'s cache; its output replaces any speculation.
+4. ``x_{i+1} = scheduler.step(output, s_i, x_i)`` for the whole batch.
+
+Only the samples that need it are computed in 2 and 3 (sub-batches), so an easy sample costs
+less than a hard one, and a sample's decisions do not depend on its batch mates. The accept mask
+is the only host synchronisation of a step. Fixed-interval methods (``fora``, ``taylorseer``) run
+the same loop with the probe skipped and every forecast accepted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..models.base import Conditioning, ModelAdapter
+from ..sampling import SampleResult, fresh_scheduler, init_latents, model_dtype, scale_input
+from .config import CacheConfig
+from .forecast import TaylorCache
+from .hooks import SpeculationHooks
+from .policy import must_compute_full, verification_waived
+from .verify import combine_rows, forecast_error, threshold
+
+
+@dataclass
+class CacheStats:
+    """What happened to each sample (``decisions[b][i]``: ``F`` full, ``A`` accepted forecast,
+    ``R`` rejected forecast then recomputed fully)."""
+
+    decisions: list[list[str]]
+    errors: list[list[float | None]]  # probe error per sample and step (None where not verified)
+    thresholds: list[float | None]
+    cache_bytes: int
+    effective_order: int
+    spec_calls: int = 0  # speculative model calls (batched)
+    full_calls: int = 0  # full model calls (batched)
+    extra: dict = field(default_factory=dict)
+
+    def per_sample(self) -> list[dict]:
+        """Counts per sample: full, accepted, rejected, mean accepted run length."""
+        rows = []
+        for dec in self.decisions:
+            runs, cur = [], 0
+            for d in dec:
+                if d == "A":
+                    cur += 1
+                elif cur:
+                    runs.append(cur)
+                    cur = 0
+            if cur:
+                runs.append(cur)
+            rows.append({
+                "full_steps": dec.count("F") + dec.count("R"),
+                "accepted": dec.count("A"),
+                "rejected": dec.count("R"),
+                "mean_accepted_run": (sum(runs) / len(runs)) if runs else 0.0,
+                "decisions": "".join(dec),
+            })
+        return rows
+
+
+@dataclass
+class CachedResult(SampleResult):
+    stats: CacheStats | None = None
+
+
+def _effective_order(method: str, cfg: CacheConfig) -> int:
+    return 0 if method == "fora" else cfg.order
+
+
+def _fit_order(order: int, per_order_bytes: int, cap: int) -> int:
+    if cap <= 0:
+        return order
+    fit = cap // max(per_order_bytes, 1) - 1
+    if fit < 0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"invalid value for 'cache.max_cache_bytes': {cap} (allowed: >= {per_order_bytes} bytes, "
+                          f"the size of one copy of the cached features for this batch)")
+    return min(order, fit)
+
+
+def sample_cached(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    scheduler,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    steps: int,
+    method: str,
+    cfg: CacheConfig,
+    *,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> CachedResult:
+    """Sample with a caching method (``fora``, ``taylorseer`` or ``speca``); see the module doc."""
+    device, dtype = next(model.parameters()).device, model_dtype(model)
+    sched = fresh_scheduler(scheduler)
+    adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
+    timesteps = list(sched.timesteps)
+    latents = init_latents(sched, noise, device)
+    cond = cond.to(device, dtype)
+    b = noise.shape[0]
+    guided = cond.uncond_kwargs is not None and cond.guidance_scale > 1.0
+    rows_of = (lambda s: torch.cat([s, s + b])) if guided else (lambda s: s)
+    verify = method == "speca"
+    train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
+    hooks = SpeculationHooks(model, adapter, cfg.probe_block)
+    names = hooks.feature_names
+    cache: TaylorCache | None = None
+    layout: list[tuple[str, int]] = []
+    run_len = torch.zeros(b, dtype=torch.long)
+    stats = CacheStats([[] for _ in range(b)], [[] for _ in range(b)], [], 0, _effective_order(method, cfg))
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
+                s_i = float(i) if cfg.time == "index" else float(t) / train_t
+                tau = threshold(i / max(steps - 1, 1), cfg.tau0, cfg.beta, cfg.tau_min) if verify else None
+                stats.thresholds.append(tau)
+                x_in = scale_input(sched, latents, t).to(dtype)
+                out = torch.empty_like(latents)
+                ready = cache.ready(rows_of(torch.arange(b)))[:b] if cache is not None else torch.zeros(b, dtype=torch.bool)
+                full = must_compute_full(method, cfg, i, run_len, ready)
+                errors: list[float | None] = [None] * b
+                spec = (~full).nonzero().flatten()
+                if len(spec):
+                    flat = cache.forecast(rows_of(spec), s_i)
+                    forecast, k = {}, 0
+                    for name, n in layout:
+                        forecast[name], k = tuple(flat[k:k + n]), k + n
+                    forecast.setdefault("probe_out", forecast["last_out"])
+                    plan = hooks.plan("speculate", verify=verify, forecast=forecast)
+                    o = adapter.predict(model, x_in[spec], t, cond.select(spec)).float()
+                    stats.spec_calls += 1
+                    ok = torch.isfinite(o.flatten(1)).all(dim=1)
+                    if verify:
+                        true = torch.cat([s.flatten(1) for s in plan.recorded["probe_out"]], dim=1)
+                        pred = torch.cat([s.flatten(1) for s in forecast["probe_out"]], dim=1)
+                        err = combine_rows(forecast_error(pred, true, cfg.metric), len(spec))
+                        waived = verification_waived(cfg, run_len[spec]).to(err.device)
+                        ok = ok & (waived | (err < tau))
+                        err_host = err.cpu()
+                    accept = ok.cpu()  # the step's one host synchronisation
+                    for j, sample in enumerate(spec.tolist()):
+                        if verify:
+                            errors[sample] = float(err_host[j])
+                        stats.decisions[sample].append("A" if accept[j] else "R")
+                    acc = spec[accept]
+                    out[acc.to(device)] = o[accept.to(o.device)]
+                    run_len[acc] += 1
+                    full[spec[~accept]] = True
+                for sample in full.nonzero().flatten().tolist():
+                    if len(stats.decisions[sample]) == i:
+                        stats.decisions[sample].append("F")
+                redo = full.nonzero().flatten()
+                if len(redo):
+                    plan = hooks.plan("record")
+                    o = adapter.predict(model, x_in[redo.to(device)], t, cond.select(redo)).float()
+                    stats.full_calls += 1
+                    feats = [plan.recorded[name] for name in names]
+                    if cache is None:
+                        layout = [(name, len(f)) for name, f in zip(names, feats)]
+                        flat_feats = tuple(s for f in feats for s in f)
+                        rows = b * (2 if guided else 1)
+                        per_order = sum(s[0].numel() * s.element_size() for s in flat_feats) * rows
+                        stats.effective_order = _fit_order(stats.effective_order, per_order, cfg.max_cache_bytes)
+                        cache = TaylorCache(stats.effective_order, rows)
+                    cache.update(rows_of(redo), tuple(s for f in feats for s in f), s_i)
+                    out[redo.to(device)] = o
+                    run_len[redo] = 0
+                for sample in range(b):
+                    stats.errors[sample].append(errors[sample])
+                latents = sched.step(out, t, latents, return_dict=False)[0]
+                hooks.plan("off")
+    finally:
+        hooks.remove()
+    stats.cache_bytes = cache.nbytes() if cache is not None else 0
+    per = stats.per_sample()
+    return CachedResult(
+        latents=latents.float().cpu(),
+        nfe=sum(r["full_steps"] for r in per) / b,
+        wall_s=time.perf_counter() - start,
+        timesteps=[float(t) for t in timesteps],
+        stats=stats,
+    )
