@@ -13,7 +13,7 @@ Methods (``method`` key of the job):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CACHE_METHODS = ("fora", "taylorseer", "speca")
 TIME_UNITS = ("index", "timestep")
@@ -50,6 +50,8 @@ class CacheConfig:
     """speca: threshold floor."""
     warmup: int = 3
     """All methods: leading steps always computed fully."""
+    full_steps: list[int] = field(default_factory=list)
+    """All methods: step indices always computed fully (negative counts from the end, e.g. -1)."""
     min_run: int = 0
     """speca: speculative steps right after a full step accepted without the probe check
     (NaN/Inf forecasts are still rejected); 0 verifies every forecast."""

@@ -1,34 +1,37 @@
-"""Feature forecasters (pure tensor math): reuse (FORA) and Taylor expansion (TaylorSeer).
+"""Feature forecasters (pure tensor math): reuse (FORA) and Taylor/Newton extrapolation (TaylorSeer).
 
-A :class:`TaylorCache` holds, for every cached feature and every sample (row), Taylor factors
-``f[0..m]`` built from the sample's *full* steps only (DESIGN §2.1):
+A :class:`TaylorCache` keeps, for every cached feature and every row (sample, or sample × guidance
+branch), the divided differences of the feature over the row's last ``m + 1`` *full* steps
+(DESIGN §2.1). On a full step at time ``s`` (previous full steps at ``s_0 > s_1 > …``)::
 
-* on a full step at time ``s`` with the previous full step at ``s'`` (gap ``Δ = s − s'``)::
+    f_new[0]   = F(s)
+    f_new[j+1] = (f_new[j] − f_old[j]) / (s − s_j)          (recursive divided differences)
 
-      f_new[0] = F(s);    f_new[j+1] = (f_new[j] − f_old[j]) / Δ      (j < order reached)
+and the forecast at time ``s*`` is the Newton form of the interpolating polynomial::
 
-  so the order grows by one per full step up to ``m``;
-* the forecast ``k = s_now − s_last`` after the last full step is ``Σ_j f[j] · k^j / j!``.
+    F̂(s*) = f[0] + f[1]·(s* − s_0) + f[2]·(s* − s_0)(s* − s_1) + …
 
-"Time" is whatever the caller passes: the step index (as the public TaylorSeer/SpeCa code) or the
-scheduler's own time (e.g. sigma), which is more faithful on non-uniform schedules. Order 0 is
-plain reuse. Rows are independent: each sample has its own factors, last time and order, and is
-updated or forecast only through its row indices. Nothing here knows about models or devices.
+The order grows by one per full step up to ``m``. This is TaylorSeer's expansion with its
+derivative estimates made consistent: at order 1 it is identical (``f[1] = (F(s) − F(s'))/Δ``,
+forecast ``F + f[1]·k``); at higher orders TaylorSeer's ``Σ f[j] k^j / j!`` with gap-only
+differences is off by O(Δ) even on a quadratic, while the Newton form is exact on every
+polynomial of degree ≤ m, on any (non-uniform) grid. Order 0 is plain reuse (FORA).
+
+"Time" is whatever the caller passes: the step index (as the public code) or the scheduler's own
+time (e.g. sigma). Rows are independent; nothing here knows about models or devices.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 
 class TaylorCache:
-    """Per-row Taylor factors for a tuple of features.
+    """Per-row divided differences of a tuple of features.
 
     Args:
-        order: maximum Taylor order ``m`` (0 = reuse).
-        rows: number of rows (samples, or samples × guidance branches).
+        order: maximum order ``m`` (0 = reuse).
+        rows: number of rows.
     """
 
     def __init__(self, order: int, rows: int) -> None:
@@ -37,13 +40,13 @@ class TaylorCache:
         self.order = order
         self.rows = rows
         self.factors: list[list[torch.Tensor]] | None = None  # [feature][j] -> [rows, ...]
-        self.last_time = torch.full((rows,), float("nan"), dtype=torch.float64)  # [rows]
-        self.filled = torch.zeros(rows, dtype=torch.long)  # [rows] full steps seen, capped at order+1
+        self.nodes = torch.full((rows, order + 1), float("nan"), dtype=torch.float64)  # [rows, m+1] newest first
+        self.filled = torch.zeros(rows, dtype=torch.long)  # [rows] full steps seen, capped at m+1
 
     def reset(self) -> None:
         """Forget everything (a new generation)."""
         self.factors = None
-        self.last_time.fill_(float("nan"))
+        self.nodes.fill_(float("nan"))
         self.filled.zero_()
 
     def ready(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,21 +68,22 @@ class TaylorCache:
                 [torch.zeros((self.rows, *f.shape[1:]), dtype=f.dtype, device=f.device) for _ in range(self.order + 1)]
                 for f in features
             ]
-        prev_time = self.last_time[rows_cpu]
         filled = self.filled[rows_cpu]
-        delta = (time - prev_time).to(torch.float32)  # nan where no previous full step
+        gaps = time - self.nodes[rows_cpu]  # [n, m+1] float64; nan where no node
         for feat_idx, value in enumerate(features):
-            old = [self.factors[feat_idx][j][rows] for j in range(self.order + 1)]
+            shape = (-1,) + (1,) * (value.ndim - 1)
             new = [value]
             for j in range(self.order):
-                shape = (-1,) + (1,) * (value.ndim - 1)
                 usable = (filled > j).to(value.device).view(shape)
-                d = delta.to(value.device, value.dtype).view(shape)
-                diff = (new[j] - old[j]) / torch.where(usable, d, torch.ones_like(d))
+                gap = gaps[:, j].to(value.device, value.dtype).view(shape)
+                old = self.factors[feat_idx][j][rows]
+                diff = (new[j] - old) / torch.where(usable, gap, torch.ones_like(gap))
                 new.append(torch.where(usable, diff, torch.zeros_like(diff)))
             for j in range(self.order + 1):
                 self.factors[feat_idx][j][rows] = new[j]
-        self.last_time[rows_cpu] = float(time)
+        shifted = torch.cat([torch.full((len(rows_cpu), 1), float(time), dtype=torch.float64),
+                             self.nodes[rows_cpu, : self.order]], dim=1)
+        self.nodes[rows_cpu] = shifted
         self.filled[rows_cpu] = torch.clamp(filled + 1, max=self.order + 1)
 
     def forecast(self, rows: torch.Tensor, time: float) -> tuple[torch.Tensor, ...]:
@@ -87,14 +91,15 @@ class TaylorCache:
         if self.factors is None:
             raise RuntimeError("TaylorCache.forecast called before any full step was recorded")
         rows_cpu = rows.cpu()
-        k = (time - self.last_time[rows_cpu]).to(torch.float32)  # [n]
+        offsets = torch.nan_to_num(time - self.nodes[rows_cpu], nan=0.0)  # [n, m+1] float64
         out = []
         for feats in self.factors:
             ref = feats[0]
             shape = (-1,) + (1,) * (ref.ndim - 1)
-            kk = k.to(ref.device, ref.dtype).view(shape)
             total = feats[0][rows].clone()
+            prod = torch.ones(len(rows_cpu), dtype=ref.dtype, device=ref.device).view(shape)
             for j in range(1, self.order + 1):
-                total = total + feats[j][rows] * (kk**j / math.factorial(j))
+                prod = prod * offsets[:, j - 1].to(ref.device, ref.dtype).view(shape)
+                total = total + feats[j][rows] * prod
             out.append(total)
         return tuple(out)

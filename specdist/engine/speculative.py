@@ -22,6 +22,7 @@ the same loop with the probe skipped and every forecast accepted.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -107,8 +108,14 @@ def sample_cached(
     *,
     progress: bool = True,
     desc: str = "sampling",
+    threshold_fn: Callable[[int], float] | None = None,
+    cache_cls: type[TaylorCache] = TaylorCache,
 ) -> CachedResult:
-    """Sample with a caching method (``fora``, ``taylorseer`` or ``speca``); see the module doc."""
+    """Sample with a caching method (``fora``, ``taylorseer`` or ``speca``); see the module doc.
+
+    ``threshold_fn(step) -> τ`` replaces the configured schedule (ablations, tests);
+    ``cache_cls`` is the forecaster class (a :class:`TaylorCache` or subclass).
+    """
     device, dtype = next(model.parameters()).device, model_dtype(model)
     sched = fresh_scheduler(scheduler)
     adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
@@ -131,12 +138,14 @@ def sample_cached(
         with torch.inference_mode():
             for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
                 s_i = float(i) if cfg.time == "index" else float(t) / train_t
-                tau = threshold(i / max(steps - 1, 1), cfg.tau0, cfg.beta, cfg.tau_min) if verify else None
+                tau = None
+                if verify:
+                    tau = threshold_fn(i) if threshold_fn else threshold(i / max(steps - 1, 1), cfg.tau0, cfg.beta, cfg.tau_min)
                 stats.thresholds.append(tau)
                 x_in = scale_input(sched, latents, t).to(dtype)
                 out = torch.empty_like(latents)
                 ready = cache.ready(rows_of(torch.arange(b)))[:b] if cache is not None else torch.zeros(b, dtype=torch.bool)
-                full = must_compute_full(method, cfg, i, run_len, ready)
+                full = must_compute_full(method, cfg, i, steps, run_len, ready)
                 errors: list[float | None] = [None] * b
                 spec = (~full).nonzero().flatten()
                 if len(spec):
@@ -180,7 +189,7 @@ def sample_cached(
                         rows = b * (2 if guided else 1)
                         per_order = sum(s[0].numel() * s.element_size() for s in flat_feats) * rows
                         stats.effective_order = _fit_order(stats.effective_order, per_order, cfg.max_cache_bytes)
-                        cache = TaylorCache(stats.effective_order, rows)
+                        cache = cache_cls(stats.effective_order, rows)
                     cache.update(rows_of(redo), tuple(s for f in feats for s in f), s_i)
                     out[redo.to(device)] = o
                     run_len[redo] = 0

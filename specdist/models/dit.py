@@ -54,3 +54,19 @@ class DiTAdapter(ModelAdapter):
     def random_conditioning(self, model, batch, generator, guidance_scale=1.0) -> Conditioning:
         labels = torch.randint(model.config.num_embeds_ada_norm, (batch,), generator=generator)
         return self.conditioning(model, labels, guidance_scale)
+
+    # ----- diffusers pipelines ---------------------------------------------------------------
+    def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        return height // factor, width // factor, 1
+
+    def pipeline_conditioning(self, pipe: Any, prompts: list[str], class_labels: list[int],
+                              guidance_scale: float, device: torch.device) -> Conditioning:
+        """Class ids ``class_labels``, or ImageNet label names ``prompts`` (``pipe.get_label_ids``)."""
+        labels = list(class_labels) if class_labels else pipe.get_label_ids(list(prompts))
+        return self.conditioning(pipe.transformer, torch.tensor(labels, device=device).reshape(-1), guidance_scale)
+
+    def pipeline_decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        z = 1 / vae.config.scaling_factor * latents.to(device=vae.device, dtype=vae.dtype)
+        return vae.decode(z).sample.clamp(-1, 1)

@@ -1,0 +1,203 @@
+"""The caching engine: forecaster math, verification, rollback and per-sample decisions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+from diffusers.hooks import HookRegistry
+
+from specdist.engine.config import CacheConfig
+from specdist.engine.forecast import TaylorCache
+from specdist.engine.hooks import HOOK_NAME
+from specdist.engine.speculative import sample_cached
+from specdist.engine.verify import combine_rows, forecast_error, threshold
+from specdist.models import adapter_for
+from specdist.sampling import initial_noise, sample_full
+
+
+# ----- forecaster ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+@pytest.mark.parametrize("grid", ["uniform", "nonuniform"])
+def test_taylor_exact_on_polynomials_of_degree_up_to_order(order, grid):
+    g = torch.Generator().manual_seed(order)
+    coeffs = torch.randn(order + 1, 3, 4, generator=g, dtype=torch.float64)
+    poly = lambda s: sum(coeffs[j] * s**j for j in range(order + 1))
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] if grid == "uniform" else [0.0, 0.3, 1.1, 1.5, 2.6, 3.0]
+    cache = TaylorCache(order, rows=3)
+    rows = torch.arange(3)
+    for s in times:
+        cache.update(rows, (poly(s),), s)
+    for s in (times[-1], times[-1] + 0.5, times[-1] + 2.0):
+        (pred,) = cache.forecast(rows, s)
+        torch.testing.assert_close(pred, poly(s), rtol=1e-9, atol=1e-9)
+
+
+def test_taylor_order_too_low_is_not_exact():
+    cache = TaylorCache(1, rows=1)
+    for s in (0.0, 1.0, 2.0):
+        cache.update(torch.arange(1), (torch.tensor([[s**2]], dtype=torch.float64),), s)
+    (pred,) = cache.forecast(torch.arange(1), 3.0)
+    assert abs(pred.item() - 9.0) > 0.5  # linear extrapolation of a parabola: 7, not 9
+
+
+def test_rows_are_independent_and_order_grows_per_row():
+    cache = TaylorCache(2, rows=2)
+    cache.update(torch.tensor([0, 1]), (torch.tensor([[1.0], [5.0]]),), 0.0)
+    cache.update(torch.tensor([0]), (torch.tensor([[3.0]]),), 1.0)  # row 0: slope 2
+    a, = cache.forecast(torch.tensor([0]), 2.0)
+    b, = cache.forecast(torch.tensor([1]), 2.0)
+    assert a.item() == pytest.approx(5.0)  # linear from two points
+    assert b.item() == pytest.approx(5.0)  # one point: reuse
+    assert cache.filled.tolist() == [2, 1]
+    assert cache.nbytes() == 3 * 2 * 1 * 4
+
+
+def test_reuse_order_zero_returns_last_full_value():
+    cache = TaylorCache(0, rows=1)
+    for s, v in ((0.0, 1.0), (1.0, 4.0)):
+        cache.update(torch.arange(1), (torch.tensor([[v]]),), s)
+    assert cache.forecast(torch.arange(1), 7.0)[0].item() == 4.0
+
+
+# ----- verification -------------------------------------------------------------------------
+
+def test_errors_per_row_and_nan_is_infinite():
+    true = torch.ones(3, 4)
+    pred = true.clone()
+    pred[1] *= 1.1
+    pred[2, 0] = float("nan")
+    for metric in ("rel_l1", "rel_l2", "cosine"):
+        err = forecast_error(pred, true, metric)
+        assert err[0] == pytest.approx(0.0, abs=1e-6)
+        assert err[2] == float("inf")
+    assert forecast_error(pred, true, "rel_l2")[1] == pytest.approx(0.1, rel=1e-4)
+    assert forecast_error(pred, true, "rel_l1")[1] == pytest.approx(0.1, rel=1e-4)
+    with pytest.raises(ValueError, match="unknown metric"):
+        forecast_error(pred, true, "l7")
+
+
+def test_threshold_schedule_and_branch_combination():
+    assert threshold(0.0, 1.0, 0.1, 0.0) == pytest.approx(1.0)
+    assert threshold(1.0, 1.0, 0.1, 0.0) == pytest.approx(0.1)
+    assert threshold(1.0, 1.0, 0.1, 0.5) == pytest.approx(0.5)
+    assert combine_rows(torch.tensor([0.1, 0.5, 0.3, 0.2]), 2).tolist() == pytest.approx([0.3, 0.5])
+
+
+# ----- the sampling loop --------------------------------------------------------------------
+
+def _tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "dit":
+        model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                      num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+        return model.eval(), DDIMScheduler(), (4, 8, 8)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_single_layers=3, num_refiner_layers=1, patch_size=2,
+                                           patch_size_t=1, guidance_embeds=False, text_embed_dim=16,
+                                           pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+    return model.eval(), FlowMatchEulerDiscreteScheduler(), (4, 3, 8, 8)
+
+
+@pytest.fixture(params=["dit", "hunyuan"], scope="module")
+def tiny(request):
+    model, sched, shape = _tiny(request.param)
+    adapter = adapter_for(model)
+    cond = adapter.random_conditioning(model, 3, torch.Generator().manual_seed(1), guidance_scale=3.0)
+    noise = initial_noise(shape, [0, 1, 2])
+    ref = sample_full(model, adapter, sched, cond, noise, 8, progress=False)
+    return model, adapter, sched, cond, noise, ref
+
+
+def test_tau_zero_rejects_everything_and_reproduces_full_exactly(tiny):
+    model, adapter, sched, cond, noise, ref = tiny
+    res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(tau0=0.0, beta=1.0),
+                        progress=False)
+    assert torch.equal(res.latents, ref.latents)
+    for row in res.stats.per_sample():
+        assert row["decisions"] == "FFFRRRRR" and row["accepted"] == 0 and row["full_steps"] == 8
+
+
+def test_huge_tau_accepts_and_hooks_are_removed(tiny):
+    model, adapter, sched, cond, noise, ref = tiny
+    res = sample_cached(model, adapter, sched, cond, noise, 8, "speca",
+                        CacheConfig(tau0=1e9, beta=1.0, max_run=3), progress=False)
+    decisions = {row["decisions"] for row in res.stats.per_sample()}
+    assert decisions == {"FFFAAAFA"}
+    assert res.nfe == 4
+    assert not torch.equal(res.latents, ref.latents)
+    for block in adapter.blocks(model):
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        assert HOOK_NAME not in registry.hooks
+    again = sample_full(model, adapter, sched, cond, noise, 8, progress=False)
+    assert torch.equal(again.latents, ref.latents)  # nothing leaks into a later generation
+
+
+def test_rollback_equals_computing_that_step_fully(tiny):
+    """Reject exactly step 4 (tau = 0 there, infinite elsewhere): the trajectory must equal a run
+    in which step 4 was scheduled full from the start — the rejected forecast leaves no trace."""
+    model, adapter, sched, cond, noise, _ = tiny
+    cfg = CacheConfig(max_run=8)
+    rejected = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
+                             threshold_fn=lambda i: 0.0 if i == 4 else float("inf"))
+    pinned = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(max_run=8, full_steps=[4]),
+                           progress=False, threshold_fn=lambda i: float("inf"))
+    assert {r["decisions"] for r in rejected.stats.per_sample()} == {"FFFARAAA"}
+    assert {r["decisions"] for r in pinned.stats.per_sample()} == {"FFFAFAAA"}
+    assert torch.equal(rejected.latents, pinned.latents)
+
+
+class _PoisonedCache(TaylorCache):
+    """Forecasts NaN at step 5 (index time)."""
+
+    def forecast(self, rows, time):
+        out = super().forecast(rows, time)
+        return tuple(torch.full_like(t, float("nan")) for t in out) if time == 5.0 else out
+
+
+def test_nan_forecast_is_rejected(tiny):
+    model, adapter, sched, cond, noise, ref = tiny
+    for metric in ("rel_l1", "rel_l2", "cosine"):
+        res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(metric=metric),
+                            progress=False, threshold_fn=lambda i: float("inf"), cache_cls=_PoisonedCache)
+        for row in res.stats.per_sample():
+            assert row["decisions"][5] == "R"
+        assert torch.isfinite(res.latents).all()
+    # Without verification a NaN output is still caught (the output itself is checked).
+    res = sample_cached(model, adapter, sched, cond, noise, 8, "taylorseer", CacheConfig(interval=8),
+                        progress=False, cache_cls=_PoisonedCache)
+    assert {r["decisions"][5] for r in res.stats.per_sample()} == {"R"}
+    assert torch.isfinite(res.latents).all()
+
+
+def test_per_sample_result_independent_of_batch(tiny):
+    model, adapter, sched, cond, noise, _ = tiny
+    cfg = CacheConfig(tau0=0.3, beta=0.5, order=1)
+    full_batch = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False)
+    idx = torch.tensor([1])
+    alone = sample_cached(model, adapter, sched, cond.select(idx), noise[idx], 8, "speca", cfg, progress=False)
+    assert alone.stats.per_sample()[0]["decisions"] == full_batch.stats.per_sample()[1]["decisions"]
+    torch.testing.assert_close(alone.latents[0], full_batch.latents[1], atol=1e-5, rtol=1e-4)
+
+
+def test_fixed_interval_methods_follow_their_schedule(tiny):
+    model, adapter, sched, cond, noise, ref = tiny
+    for method in ("fora", "taylorseer"):
+        res = sample_cached(model, adapter, sched, cond, noise, 8, method, CacheConfig(interval=2), progress=False)
+        assert {r["decisions"] for r in res.stats.per_sample()} == {"FFFAFAFA"}
+        assert res.nfe == 5
+
+
+def test_cache_byte_cap_lowers_order_or_fails(tiny):
+    from specdist.errors import ConfigError
+
+    model, adapter, sched, cond, noise, _ = tiny
+    big = sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer", CacheConfig(order=2), progress=False)
+    per_order = big.stats.cache_bytes // 3
+    capped = sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer",
+                           CacheConfig(order=2, max_cache_bytes=2 * per_order), progress=False)
+    assert capped.stats.effective_order == 1 and capped.stats.cache_bytes == 2 * per_order
+    with pytest.raises(ConfigError, match="cache.max_cache_bytes"):
+        sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer",
+                      CacheConfig(order=2, max_cache_bytes=per_order // 2), progress=False)
