@@ -20,9 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .engine.config import CACHE_METHODS, CacheConfig
 from .errors import ConfigError
+from .errors import check_value as _check
 
-METHODS = ("full",)
+METHODS = ("full", *CACHE_METHODS)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,7 +51,8 @@ class GenerateConfig:
     model: str = "hunyuan-shapes-video"
     """A zoo name (see ``specdist models``) or a local diffusers directory."""
     method: str = "full"
-    """Acceleration method; ``full`` computes every step with the whole model."""
+    """``full`` (every step computes the whole model), ``fora``, ``taylorseer`` or ``speca``
+    (see :mod:`specdist.engine.config`)."""
     steps: int = 50
     """Denoising steps."""
     seed: int = 0
@@ -76,6 +79,10 @@ class GenerateConfig:
     """``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``."""
     dtype: str = "float32"
     """Compute dtype of the transformer."""
+    reference: bool = True
+    """For a caching method, also run ``full`` from the same seeds and report PSNR/SSIM/rel-L2
+    against it (doubles the cost; the honest way to read a speedup)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self, prefix: str = "") -> None:
@@ -91,17 +98,13 @@ class GenerateConfig:
         for key in ("height", "width", "frames"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"{prefix}{key}", value, "an integer >= 1 or null")
+        self.cache.validate(f"{prefix}cache.")
         self.output.validate(f"{prefix}output.")
 
     @property
     def effective_batch_size(self) -> int:
         """Samples per model call."""
         return self.batch_size or self.num_samples
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -13,3 +13,9 @@ class ConfigError(SpecdistError, ValueError):
 
 class CheckpointError(SpecdistError, FileNotFoundError):
     """A missing or malformed model path: names the path and what was expected."""
+
+
+def check_value(ok: bool, key: str, value: object, allowed: str) -> None:
+    """Raise :class:`ConfigError` ``invalid value for 'key': value (allowed: ...)`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")

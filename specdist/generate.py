@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 from . import media
 from .config import GenerateConfig, config_to_dict
 from .env import environment
+from .engine.speculative import sample_cached
 from .loading import DEFAULT_VIDEO_PROMPTS, ModelBundle, load_model
-from .metrics.flops import forward_flops
+from .metrics import compare
+from .metrics.flops import flops_breakdown
 from .metrics.telemetry import GpuTelemetry
 from .report import StagedOutput, output_sha256, write_json
 from .sampling import initial_noise, sample_full
@@ -49,6 +51,48 @@ def _write_media(pixels: torch.Tensor | None, out: Path, fps: int) -> list[str]:
     return ["grid.png"]
 
 
+def cache_report(cfg: GenerateConfig, results: list, references: list, flops: dict,
+                 latents: torch.Tensor, pixels: torch.Tensor | None, bundle: ModelBundle) -> dict[str, Any]:
+    """Report fields of a caching method: per-sample decisions, overhead, memory, quality vs full."""
+    if cfg.method == "full":
+        return {}
+    per_sample = [row for r in results for row in r.stats.per_sample()]
+    verify = cfg.method == "speca"
+    probe = flops["per_block"][cfg.cache.probe_block] if verify else 0
+    spec_cost = (flops["embed_and_head"] + probe) / flops["total"]  # of one full forward
+    spec_steps = sum(row["accepted"] + row["rejected"] for row in per_sample)
+    runs = [row["mean_accepted_run"] for row in per_sample if row["accepted"]]
+    out: dict[str, Any] = {
+        "full_steps": [row["full_steps"] for row in per_sample],
+        "speculative_steps": [row["accepted"] + row["rejected"] for row in per_sample],
+        "accepted": [row["accepted"] for row in per_sample],
+        "rejected": [row["rejected"] for row in per_sample],
+        "decisions": [row["decisions"] for row in per_sample],
+        "mean_accepted_run": sum(runs) / len(runs) if runs else 0.0,
+        "nfe_with_overhead": sum(row["full_steps"] for row in per_sample) / len(per_sample)
+        + spec_cost * spec_steps / len(per_sample),
+        "verification_overhead": {
+            "flops_fraction_of_full_inference": spec_cost * spec_steps / (len(per_sample) * cfg.steps),
+            "speculative_call_cost_fraction_of_forward": spec_cost,
+        },
+        "cache_bytes": max(r.stats.cache_bytes for r in results),
+        "cache_order": results[0].stats.effective_order,
+        "cache": config_to_dict(cfg.cache),
+    }
+    if references:
+        ref_latents = torch.cat([r.latents for r in references])
+        ref_pixels = bundle.decode(ref_latents)
+        out["reference"] = {
+            "full_wall_s": round(sum(r.wall_s for r in references), 4),
+            "speedup_wall": sum(r.wall_s for r in references) / max(sum(r.wall_s for r in results), 1e-9),
+            "speedup_nfe": cfg.steps / out["nfe_with_overhead"],
+            "output_sha256_full": output_sha256(ref_latents),
+            "latent_rel_l2": compare(latents, ref_latents)["rel_l2"],
+            "pixels": compare(pixels, ref_pixels) if pixels is not None else None,
+        }
+    return out
+
+
 def run_generate(cfg: GenerateConfig, *, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one generation job and write ``cfg.output.dir``; returns the report dict.
@@ -66,20 +110,30 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
     batches = [list(range(i, min(i + bs, cfg.num_samples))) for i in range(0, cfg.num_samples, bs)]
     log(f"specdist: {bundle.name} ({bundle.adapter.model_class}), {cfg.num_samples} samples x {cfg.steps} steps, "
         f"method={cfg.method}, device={bundle.device}")
-    results, tokens = [], None
+    results, references, tokens = [], [], None
     with GpuTelemetry() as telemetry:
         for k, idx in enumerate(batches):
             cond = bundle.encode([prompts[i] for i in idx] if prompts else [""] * len(idx),
-                                 [labels[i] for i in idx], guidance, cfg.seed)
+                                 [labels[i] for i in idx] if labels else [], guidance, cfg.seed)
             tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
             noise = initial_noise(shape, [seeds[i] for i in idx])
-            results.append(sample_full(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, cfg.steps,
-                                       progress=progress, desc=f"batch {k + 1}/{len(batches)}"))
+            run = dict(progress=progress, desc=f"batch {k + 1}/{len(batches)} {cfg.method}")
+            if cfg.method == "full":
+                results.append(sample_full(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise,
+                                           cfg.steps, **run))
+                continue
+            results.append(sample_cached(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise,
+                                         cfg.steps, cfg.method, cfg.cache, **run))
+            if cfg.reference:
+                run["desc"] = f"batch {k + 1}/{len(batches)} full (reference)"
+                references.append(sample_full(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise,
+                                              cfg.steps, **run))
     latents = torch.cat([r.latents for r in results])
     pixels = bundle.decode(latents)
     cfg_factor = 2 if guidance > 1.0 and bundle.conditions_on != "none" else 1
-    per_forward = forward_flops(bundle.transformer, *tokens)
-    nfe = results[0].nfe
+    flops = flops_breakdown(bundle.transformer, *tokens)
+    per_forward = flops["total"]
+    nfe = sum(r.nfe * r.latents.shape[0] for r in results) / cfg.num_samples
     report = {
         "model": bundle.name,
         "model_source": bundle.source,
@@ -102,6 +156,7 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
             "note": "analytic (specdist.metrics.flops); guided steps count cond + uncond",
         },
         "sampling_wall_s": round(sum(r.wall_s for r in results), 4),
+        **cache_report(cfg, results, references, flops, latents, pixels, bundle),
         "output_sha256": output_sha256(latents),
         "telemetry": telemetry.summary(),
         "environment": environment(bundle.device),

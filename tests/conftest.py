@@ -13,3 +13,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch, repo_root):
+    """Tests name configs by their repo-relative path, as a user would from a checkout."""
+    monkeypatch.chdir(repo_root)

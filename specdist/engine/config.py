@@ -15,16 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import check_value as _check
+
 CACHE_METHODS = ("fora", "taylorseer", "speca")
 TIME_UNITS = ("index", "timestep")
 METRICS = ("rel_l1", "rel_l2", "cosine")
-
-
-def _check(ok: bool, key: str, value: object, allowed: str) -> None:
-    from ..errors import ConfigError
-
-    if not ok:
-        raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
 
 
 @dataclass(kw_only=True)

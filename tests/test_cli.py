@@ -1,0 +1,107 @@
+"""The ``specdist`` command line, end to end on the shipped zoo models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specdist.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "specdist", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_image_model_end_to_end_and_deterministic(tmp_path, capsys):
+    common = ["generate", "--config", "configs/dit-shapes.yaml", "--quiet",
+              "--set", "steps=4", "--set", "num_samples=3", "--set", "batch_size=2"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    for key in ("model", "method", "steps", "num_samples", "nfe", "wall_s", "output_sha256", "environment"):
+        assert key in a, key
+    assert a["model"] == "dit-shapes" and a["method"] == "full" and a["steps"] == 4 and a["num_samples"] == 3
+    assert a["nfe"] == 4 and a["environment"]["device"] == "cpu"
+    assert a["output_sha256"] == b["output_sha256"]
+    assert a["class_labels"] == ["circle", "square", "triangle"]
+    assert (tmp_path / "a" / "grid.png").stat().st_size > 0
+    assert (tmp_path / "a" / "latents.safetensors").is_file()
+    assert capsys.readouterr().out == ""  # --quiet
+    # a different seed gives a different result
+    assert main([*common, "--set", "seed=1", "--out", str(tmp_path / "c")]) == 0
+    c = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert c["output_sha256"] != a["output_sha256"]
+
+
+def test_generate_video_model_writes_mp4_and_speca_reports_quality(tmp_path):
+    out = tmp_path / "v"
+    assert main(["generate", "--quiet", "--set", "steps=6", "--set", "num_samples=2", "--set", "method=speca",
+                 "--set", "cache.warmup=2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "hunyuan-shapes-video" and report["media"] == ["video.mp4", "frames.png"]
+    assert report["prompts"] == ["red square moving right", "blue circle moving down"]
+    assert (out / "video.mp4").stat().st_size > 0
+    assert len(report["decisions"]) == 2 and all(len(d) == 6 for d in report["decisions"])
+    assert report["reference"]["pixels"]["psnr_db"]["per_sample"]
+    assert report["cache_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "steps=0"], "invalid value for 'steps': 0"),
+        (["--set", "modle=x"], "unknown config key 'modle'"),
+        (["--set", "model=/nonexistent/model"], "model path not found: /nonexistent/model"),
+        (["--set", "model=dit-shapes", "--set", "class_labels=[banana]"], "invalid value for 'class_labels': 'banana'"),
+        (["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, needle, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier result")
+    proc = _run("generate", *args, "--out", str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "keep.txt").read_text() == "earlier result"  # nothing clobbered
+
+
+def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
+    from specdist import generate as gen
+    from specdist.config import load_config
+
+    out = tmp_path / "out"
+    cfg = load_config("configs/dit-shapes.yaml", ["steps=2", "num_samples=1", f"output.dir={out}"])
+    gen.run_generate(cfg, progress=False, log=lambda m: None)
+    before = (out / "report.json").read_text()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gen.media, "save_image_grid", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        gen.run_generate(load_config("configs/dit-shapes.yaml", ["steps=3", "num_samples=1", f"output.dir={out}"]),
+                         progress=False, log=lambda m: None)
+    assert (out / "report.json").read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.staging")]
+
+
+def test_models_and_info_commands(capsys):
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "dit-shapes" in text and "hunyuan-shapes-video" in text and "HunyuanVideoTransformer3DModel" in text
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {"dit-shapes", "hunyuan-shapes-video"}
+    assert all(r["available"] and r["parameters"] > 0 for r in rows)
+    assert main(["info", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["torch"] and env["diffusers"]
+    if not env["cuda_available"]:
+        assert env["gpus"]["available"] is False and env["gpus"]["reason"]
