@@ -66,8 +66,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    raise SpecdistError("'specdist bench' is reserved for the speed-quality benchmark of the caching engine "
-                        "and is not available in this version")
+    from .bench import BenchConfig, run_bench
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = load_config(args.config, overrides, cls=BenchConfig)
+    run_bench(cfg, progress=not args.quiet, log=(lambda _m: None) if args.quiet else print)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, CUDA and GPUs (via NVML)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info)
-    bench = sub.add_parser("bench", help="(reserved) speed-quality benchmark")
+    bench = sub.add_parser("bench", help="speed-quality benchmark of every method (tables + plots)")
+    bench.add_argument("--config", default="configs/bench.yaml", help="YAML bench config")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a bench config key")
+    bench.add_argument("--out", default=None, help="results directory (same as --set out=DIR)")
+    bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -119,7 +119,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a mapping of {annotation.__name__} fields)")
-        return _build(annotation, value, f"{key}.")
+        return build_config(annotation, value, f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a mapping)")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if annotation is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a list)")
+        return value
     if origin is list:
         if isinstance(value, (str, int, float)):
             value = [value]
@@ -149,7 +157,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build_config(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build config dataclass ``cls`` from ``data`` (no validation); errors name ``prefix + key``."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -162,7 +171,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def config_from_dict(data: dict[str, Any], cls: type = GenerateConfig) -> Any:
     """Build and validate a config dataclass from a plain dict."""
-    cfg = _build(cls, data or {})
+    cfg = build_config(cls, data or {})
     cfg.validate()
     return cfg
 

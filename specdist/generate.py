@@ -13,14 +13,16 @@ from safetensors.torch import save_file
 
 from . import media
 from .config import GenerateConfig, config_to_dict
+from .engine.accounting import summarize
+from .engine.speculative import CacheStats
 from .env import environment
-from .engine.speculative import sample_cached
 from .loading import DEFAULT_VIDEO_PROMPTS, ModelBundle, load_model
 from .metrics import compare
 from .metrics.flops import flops_breakdown
 from .metrics.telemetry import GpuTelemetry
+from .methods import run_method
 from .report import StagedOutput, output_sha256, write_json
-from .sampling import initial_noise, sample_full
+from .sampling import initial_noise
 
 
 def _cycled(values: list[str], n: int) -> list[str]:
@@ -56,35 +58,16 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
     """Report fields of a caching method: per-sample decisions, overhead, memory, quality vs full."""
     if cfg.method == "full":
         return {}
-    per_sample = [row for r in results for row in r.stats.per_sample()]
-    verify = cfg.method == "speca"
-    probe = flops["per_block"][cfg.cache.probe_block] if verify else 0
-    spec_cost = (flops["embed_and_head"] + probe) / flops["total"]  # of one full forward
-    spec_steps = sum(row["accepted"] + row["rejected"] for row in per_sample)
-    runs = [row["mean_accepted_run"] for row in per_sample if row["accepted"]]
-    out: dict[str, Any] = {
-        "full_steps": [row["full_steps"] for row in per_sample],
-        "speculative_steps": [row["accepted"] + row["rejected"] for row in per_sample],
-        "accepted": [row["accepted"] for row in per_sample],
-        "rejected": [row["rejected"] for row in per_sample],
-        "decisions": [row["decisions"] for row in per_sample],
-        "mean_accepted_run": sum(runs) / len(runs) if runs else 0.0,
-        "nfe_with_overhead": sum(row["full_steps"] for row in per_sample) / len(per_sample)
-        + spec_cost * spec_steps / len(per_sample),
-        "verification_overhead": {
-            "flops_fraction_of_full_inference": spec_cost * spec_steps / (len(per_sample) * cfg.steps),
-            "speculative_call_cost_fraction_of_forward": spec_cost,
-        },
-        "cache_bytes": max(r.stats.cache_bytes for r in results),
-        "cache_order": results[0].stats.effective_order,
-        "cache": config_to_dict(cfg.cache),
-    }
+    stats = CacheStats.concat([r.stats for r in results])
+    out = summarize(stats, flops, cfg.method, cfg.cache.probe_block, cfg.steps)
+    out["cache"] = config_to_dict(cfg.cache)
     if references:
         ref_latents = torch.cat([r.latents for r in references])
         ref_pixels = bundle.decode(ref_latents)
+        full_wall = sum(r.wall_s for r in references)
         out["reference"] = {
-            "full_wall_s": round(sum(r.wall_s for r in references), 4),
-            "speedup_wall": sum(r.wall_s for r in references) / max(sum(r.wall_s for r in results), 1e-9),
+            "full_wall_s": round(full_wall, 4),
+            "speedup_wall": full_wall / max(sum(r.wall_s for r in results), 1e-9),
             "speedup_nfe": cfg.steps / out["nfe_with_overhead"],
             "output_sha256_full": output_sha256(ref_latents),
             "latent_rel_l2": compare(latents, ref_latents)["rel_l2"],
@@ -118,16 +101,11 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
             tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
             noise = initial_noise(shape, [seeds[i] for i in idx])
             run = dict(progress=progress, desc=f"batch {k + 1}/{len(batches)} {cfg.method}")
-            if cfg.method == "full":
-                results.append(sample_full(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise,
-                                           cfg.steps, **run))
-                continue
-            results.append(sample_cached(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise,
-                                         cfg.steps, cfg.method, cfg.cache, **run))
-            if cfg.reference:
+            args = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, cfg.steps)
+            results.append(run_method(cfg.method, *args, cache=cfg.cache, **run))
+            if cfg.method != "full" and cfg.reference:
                 run["desc"] = f"batch {k + 1}/{len(batches)} full (reference)"
-                references.append(sample_full(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise,
-                                              cfg.steps, **run))
+                references.append(run_method("full", *args, **run))
     latents = torch.cat([r.latents for r in results])
     pixels = bundle.decode(latents)
     cfg_factor = 2 if guidance > 1.0 and bundle.conditions_on != "none" else 1

@@ -52,6 +52,19 @@ class CacheStats:
     full_calls: int = 0  # full model calls (batched)
     extra: dict = field(default_factory=dict)
 
+    @staticmethod
+    def concat(parts: list["CacheStats"]) -> "CacheStats":
+        """Stats of several batches of one job, samples in batch order."""
+        return CacheStats(
+            decisions=[d for p in parts for d in p.decisions],
+            errors=[e for p in parts for e in p.errors],
+            thresholds=parts[0].thresholds,
+            cache_bytes=max(p.cache_bytes for p in parts),
+            effective_order=min(p.effective_order for p in parts),
+            spec_calls=sum(p.spec_calls for p in parts),
+            full_calls=sum(p.full_calls for p in parts),
+        )
+
     def per_sample(self) -> list[dict]:
         """Counts per sample: full, accepted, rejected, mean accepted run length."""
         rows = []

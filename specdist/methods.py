@@ -1,0 +1,29 @@
+"""One entry point for every sampling method: ``full``, ours (``fora``, ``taylorseer``, ``speca``)
+and the diffusers built-in caches as peers (``diffusers-*``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .engine.config import CACHE_METHODS, CacheConfig
+from .models.base import Conditioning
+from .sampling import SampleResult, sample_full
+
+
+def run_method(method: str, model: torch.nn.Module, adapter: Any, scheduler: Any, cond: Conditioning,
+               noise: torch.Tensor, steps: int, *, cache: CacheConfig | None = None, peer: Any = None,
+               progress: bool = True, desc: str = "sampling") -> SampleResult:
+    """Sample ``noise`` with ``method``; the same inputs give the same trajectory for ``full``."""
+    if method == "full":
+        return sample_full(model, adapter, scheduler, cond, noise, steps, progress=progress, desc=desc)
+    if method in CACHE_METHODS:
+        from .engine.speculative import sample_cached
+
+        return sample_cached(model, adapter, scheduler, cond, noise, steps, method, cache or CacheConfig(),
+                             progress=progress, desc=desc)
+    from .engine.peers import PeerConfig, sample_with_peer
+
+    return sample_with_peer(model, adapter, scheduler, cond, noise, steps, method, peer or PeerConfig(),
+                            progress=progress, desc=desc)
