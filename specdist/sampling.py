@@ -8,6 +8,7 @@ does not depend on which other samples share its batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from .models.base import Conditioning, ModelAdapter
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+StepContext = Callable[[int, torch.Tensor], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -72,6 +74,7 @@ def sample_full(
     progress: bool = True,
     desc: str = "sampling",
     on_step: StepCallback | None = None,
+    step_context: StepContext | None = None,
 ) -> SampleResult:
     """Run ``steps`` denoising steps computing the full model at every step.
 
@@ -84,6 +87,8 @@ def sample_full(
         steps: number of denoising steps.
         progress: show a tqdm bar over steps.
         on_step: called as ``on_step(step_index, timestep, latents_after_step)``.
+        step_context: each step's model call runs inside ``step_context(step_index, timestep)``
+            (e.g. diffusers' ``cache_context`` for its cache hooks); default: nothing.
     """
     device = next(model.parameters()).device
     dtype = model_dtype(model)
@@ -96,7 +101,8 @@ def sample_full(
     with torch.inference_mode():
         for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
             x_in = scale_input(sched, latents, t).to(dtype)
-            out = adapter.predict(model, x_in, t, cond).float()
+            with step_context(i, t) if step_context is not None else contextlib.nullcontext():
+                out = adapter.predict(model, x_in, t, cond).float()
             latents = sched.step(out, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i, t, latents)

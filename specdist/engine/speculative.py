@@ -171,17 +171,18 @@ def sample_cached(
                     o = adapter.predict(model, x_in[spec], t, cond.select(spec)).float()
                     stats.spec_calls += 1
                     ok = torch.isfinite(o.flatten(1)).all(dim=1)
+                    err = torch.full_like(ok, float("nan"), dtype=torch.float32)
                     if verify:
                         true = torch.cat([s.flatten(1) for s in plan.recorded["probe_out"]], dim=1)
                         pred = torch.cat([s.flatten(1) for s in forecast["probe_out"]], dim=1)
                         err = combine_rows(forecast_error(pred, true, cfg.metric), len(spec))
                         waived = verification_waived(cfg, run_len[spec]).to(err.device)
                         ok = ok & (waived | (err < tau))
-                        err_host = err.cpu()
-                    accept = ok.cpu()  # the step's one host synchronisation
+                    host = torch.stack([ok.float(), err]).cpu()  # the step's one host synchronisation
+                    accept = host[0].bool()
                     for j, sample in enumerate(spec.tolist()):
                         if verify:
-                            errors[sample] = float(err_host[j])
+                            errors[sample] = float(host[1, j])
                         stats.decisions[sample].append("A" if accept[j] else "R")
                     acc = spec[accept]
                     out[acc.to(device)] = o[accept.to(o.device)]
