@@ -109,6 +109,112 @@ def _fit_order(order: int, per_order_bytes: int, cap: int) -> int:
     return min(order, fit)
 
 
+class SpeculativeStepper:
+    """The per-generation state of a caching method and one step of forecast → verify → accept or
+    roll back, for ``samples`` samples whose model calls carry ``branches`` rows each (2 when
+    guidance runs conditional and unconditional rows in one batch, ordered ``[cond…, uncond…]``).
+
+    The model is reached only through ``call(samples) -> output`` (a sub-batch of sample indices,
+    CPU long tensor → float output ``[len(samples), ...]``), so the same stepper serves specdist's
+    own loop and a stock diffusers pipeline (:mod:`specdist.engine.pipeline`).
+    """
+
+    def __init__(self, hooks: SpeculationHooks, method: str, cfg: CacheConfig, samples: int, branches: int = 1, *,
+                 threshold_fn: Callable[[int], float] | None = None, cache_cls: type[TaylorCache] = TaylorCache) -> None:
+        self.hooks, self.method, self.cfg = hooks, method, cfg
+        self.samples, self.branches = samples, branches
+        self.verify = method == "speca"
+        self.threshold_fn = threshold_fn
+        self.cache_cls = cache_cls
+        self.cache: TaylorCache | None = None
+        self.layout: list[tuple[str, int]] = []
+        self.run_len = torch.zeros(samples, dtype=torch.long)
+        self.stats = CacheStats([[] for _ in range(samples)], [[] for _ in range(samples)], [], 0,
+                                _effective_order(method, cfg))
+
+    def rows_of(self, samples: torch.Tensor) -> torch.Tensor:
+        """Cache rows of ``samples`` (one per branch)."""
+        return torch.cat([samples + k * self.samples for k in range(self.branches)])
+
+    def _forecast(self, spec: torch.Tensor, time: float) -> dict[str, tuple[torch.Tensor, ...]]:
+        flat = self.cache.forecast(self.rows_of(spec), time)
+        forecast, k = {}, 0
+        for name, n in self.layout:
+            forecast[name], k = tuple(flat[k:k + n]), k + n
+        forecast.setdefault("probe_out", forecast["last_out"])
+        return forecast
+
+    def _record(self, redo: torch.Tensor, time: float, recorded: dict) -> None:
+        feats = [recorded[name] for name in self.hooks.feature_names]
+        flat = tuple(s for f in feats for s in f)
+        if self.cache is None:
+            self.layout = [(name, len(f)) for name, f in zip(self.hooks.feature_names, feats)]
+            rows = self.samples * self.branches
+            per_order = sum(s[0].numel() * s.element_size() for s in flat) * rows
+            self.stats.effective_order = _fit_order(self.stats.effective_order, per_order, self.cfg.max_cache_bytes)
+            self.cache = self.cache_cls(self.stats.effective_order, rows)
+        self.cache.update(self.rows_of(redo), flat, time)
+        self.stats.cache_bytes = self.cache.nbytes()
+
+    def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Model output ``[samples, ...]`` for step ``i`` of ``steps`` at forecaster time ``time``."""
+        cfg, b, stats = self.cfg, self.samples, self.stats
+        tau = None
+        if self.verify:
+            tau = self.threshold_fn(i) if self.threshold_fn else threshold(i / max(steps - 1, 1), cfg.tau0, cfg.beta,
+                                                                            cfg.tau_min)
+        stats.thresholds.append(tau)
+        ready = self.cache.ready(torch.arange(b)) if self.cache is not None else torch.zeros(b, dtype=torch.bool)
+        full = must_compute_full(self.method, cfg, i, steps, self.run_len, ready)
+        errors: list[float | None] = [None] * b
+        out = None
+        spec = (~full).nonzero().flatten()
+        if len(spec):
+            forecast = self._forecast(spec, time)
+            plan = self.hooks.plan("speculate", verify=self.verify, forecast=forecast)
+            o = call(spec)
+            stats.spec_calls += 1
+            ok = torch.isfinite(o.flatten(1)).all(dim=1)
+            err = torch.full_like(ok, float("nan"), dtype=torch.float32)
+            if self.verify:
+                true = torch.cat([s.flatten(1) for s in plan.recorded["probe_out"]], dim=1)
+                pred = torch.cat([s.flatten(1) for s in forecast["probe_out"]], dim=1)
+                err = combine_rows(forecast_error(pred, true, cfg.metric), len(spec))
+                ok = ok & (verification_waived(cfg, self.run_len[spec]).to(err.device) | (err < tau))
+            host = torch.stack([ok.float(), err]).cpu()  # the step's one host synchronisation
+            accept = host[0].bool()
+            for j, sample in enumerate(spec.tolist()):
+                errors[sample] = float(host[1, j]) if self.verify else None
+                stats.decisions[sample].append("A" if accept[j] else "R")
+            out = o.new_empty((b, *o.shape[1:]))
+            acc = spec[accept]
+            out[acc.to(o.device)] = o[accept.to(o.device)]
+            self.run_len[acc] += 1
+            full[spec[~accept]] = True
+        redo = full.nonzero().flatten()
+        for sample in redo.tolist():
+            if len(stats.decisions[sample]) == i:
+                stats.decisions[sample].append("F")
+        if len(redo):
+            plan = self.hooks.plan("record")
+            o = call(redo)
+            stats.full_calls += 1
+            self._record(redo, time, plan.recorded)
+            if out is None:
+                out = o.new_empty((b, *o.shape[1:]))
+            out[redo.to(o.device)] = o
+            self.run_len[redo] = 0
+        for sample in range(b):
+            stats.errors[sample].append(errors[sample])
+        self.hooks.plan("off")
+        return out
+
+
+def forecaster_time(cfg: CacheConfig, step: int, timestep: torch.Tensor | float, num_train_timesteps: float) -> float:
+    """The forecaster's time of a step: its index, or the scheduler's time ``t / num_train_timesteps``."""
+    return float(step) if cfg.time == "index" else float(timestep) / num_train_timesteps
+
+
 def sample_cached(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -137,88 +243,28 @@ def sample_cached(
     cond = cond.to(device, dtype)
     b = noise.shape[0]
     guided = cond.uncond_kwargs is not None and cond.guidance_scale > 1.0
-    rows_of = (lambda s: torch.cat([s, s + b])) if guided else (lambda s: s)
-    verify = method == "speca"
     train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
     hooks = SpeculationHooks(model, adapter, cfg.probe_block)
-    names = hooks.feature_names
-    cache: TaylorCache | None = None
-    layout: list[tuple[str, int]] = []
-    run_len = torch.zeros(b, dtype=torch.long)
-    stats = CacheStats([[] for _ in range(b)], [[] for _ in range(b)], [], 0, _effective_order(method, cfg))
+    stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, threshold_fn=threshold_fn,
+                                 cache_cls=cache_cls)
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
-                s_i = float(i) if cfg.time == "index" else float(t) / train_t
-                tau = None
-                if verify:
-                    tau = threshold_fn(i) if threshold_fn else threshold(i / max(steps - 1, 1), cfg.tau0, cfg.beta, cfg.tau_min)
-                stats.thresholds.append(tau)
                 x_in = scale_input(sched, latents, t).to(dtype)
-                out = torch.empty_like(latents)
-                ready = cache.ready(rows_of(torch.arange(b)))[:b] if cache is not None else torch.zeros(b, dtype=torch.bool)
-                full = must_compute_full(method, cfg, i, steps, run_len, ready)
-                errors: list[float | None] = [None] * b
-                spec = (~full).nonzero().flatten()
-                if len(spec):
-                    flat = cache.forecast(rows_of(spec), s_i)
-                    forecast, k = {}, 0
-                    for name, n in layout:
-                        forecast[name], k = tuple(flat[k:k + n]), k + n
-                    forecast.setdefault("probe_out", forecast["last_out"])
-                    plan = hooks.plan("speculate", verify=verify, forecast=forecast)
-                    o = adapter.predict(model, x_in[spec], t, cond.select(spec)).float()
-                    stats.spec_calls += 1
-                    ok = torch.isfinite(o.flatten(1)).all(dim=1)
-                    err = torch.full_like(ok, float("nan"), dtype=torch.float32)
-                    if verify:
-                        true = torch.cat([s.flatten(1) for s in plan.recorded["probe_out"]], dim=1)
-                        pred = torch.cat([s.flatten(1) for s in forecast["probe_out"]], dim=1)
-                        err = combine_rows(forecast_error(pred, true, cfg.metric), len(spec))
-                        waived = verification_waived(cfg, run_len[spec]).to(err.device)
-                        ok = ok & (waived | (err < tau))
-                    host = torch.stack([ok.float(), err]).cpu()  # the step's one host synchronisation
-                    accept = host[0].bool()
-                    for j, sample in enumerate(spec.tolist()):
-                        if verify:
-                            errors[sample] = float(host[1, j])
-                        stats.decisions[sample].append("A" if accept[j] else "R")
-                    acc = spec[accept]
-                    out[acc.to(device)] = o[accept.to(o.device)]
-                    run_len[acc] += 1
-                    full[spec[~accept]] = True
-                for sample in full.nonzero().flatten().tolist():
-                    if len(stats.decisions[sample]) == i:
-                        stats.decisions[sample].append("F")
-                redo = full.nonzero().flatten()
-                if len(redo):
-                    plan = hooks.plan("record")
-                    o = adapter.predict(model, x_in[redo.to(device)], t, cond.select(redo)).float()
-                    stats.full_calls += 1
-                    feats = [plan.recorded[name] for name in names]
-                    if cache is None:
-                        layout = [(name, len(f)) for name, f in zip(names, feats)]
-                        flat_feats = tuple(s for f in feats for s in f)
-                        rows = b * (2 if guided else 1)
-                        per_order = sum(s[0].numel() * s.element_size() for s in flat_feats) * rows
-                        stats.effective_order = _fit_order(stats.effective_order, per_order, cfg.max_cache_bytes)
-                        cache = cache_cls(stats.effective_order, rows)
-                    cache.update(rows_of(redo), tuple(s for f in feats for s in f), s_i)
-                    out[redo.to(device)] = o
-                    run_len[redo] = 0
-                for sample in range(b):
-                    stats.errors[sample].append(errors[sample])
+
+                def call(idx: torch.Tensor) -> torch.Tensor:
+                    return adapter.predict(model, x_in[idx.to(device)], t, cond.select(idx)).float()
+
+                out = stepper.step(i, steps, forecaster_time(cfg, i, t, train_t), call)
                 latents = sched.step(out, t, latents, return_dict=False)[0]
-                hooks.plan("off")
     finally:
         hooks.remove()
-    stats.cache_bytes = cache.nbytes() if cache is not None else 0
-    per = stats.per_sample()
+    per = stepper.stats.per_sample()
     return CachedResult(
         latents=latents.float().cpu(),
         nfe=sum(r["full_steps"] for r in per) / b,
         wall_s=time.perf_counter() - start,
         timesteps=[float(t) for t in timesteps],
-        stats=stats,
+        stats=stepper.stats,
     )
