@@ -20,7 +20,7 @@ import torch
 
 from .config import apply_overrides, build_config, config_to_dict
 from .engine.accounting import summarize
-from .engine.config import CacheConfig
+from .engine.config import CacheConfig, PeerConfig
 from .env import environment
 from .errors import ConfigError, check_value
 from .loading import DEFAULT_VIDEO_PROMPTS, load_model
@@ -54,17 +54,9 @@ class BenchConfig:
         check_value(self.steps >= 2, f"{prefix}steps", self.steps, "an integer >= 2")
         check_value(self.num_samples >= 1, f"{prefix}num_samples", self.num_samples, "an integer >= 1")
         check_value(self.repeats >= 1, f"{prefix}repeats", self.repeats, "an integer >= 1")
-        allowed = [m for m in METHODS if m != "full"] + list(_peer_methods())
+        allowed = [m for m in METHODS if m != "full"]
         for method in self.sweep:
             check_value(method in allowed, f"{prefix}sweep", method, f"methods among {allowed}")
-
-
-def _peer_methods() -> tuple[str, ...]:
-    try:
-        from .engine.peers import PEER_METHODS
-    except ImportError:
-        return ()
-    return PEER_METHODS
 
 
 def expand_runs(cfg: BenchConfig) -> list[tuple[str, dict[str, Any]]]:
@@ -77,7 +69,7 @@ def expand_runs(cfg: BenchConfig) -> list[tuple[str, dict[str, Any]]]:
     return runs
 
 
-def _knob_configs(knobs: dict[str, Any]) -> tuple[CacheConfig, Any]:
+def _knob_configs(knobs: dict[str, Any]) -> tuple[CacheConfig, PeerConfig]:
     data: dict[str, Any] = {}
     apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in knobs.items()])
     unknown = set(data) - {"cache", "peer"}
@@ -85,12 +77,8 @@ def _knob_configs(knobs: dict[str, Any]) -> tuple[CacheConfig, Any]:
         raise ConfigError(f"unknown sweep knob section {sorted(unknown)} (allowed: cache.*, peer.*)")
     cache = build_config(CacheConfig, data.get("cache", {}), "cache.")
     cache.validate()
-    peer = None
-    if "peer" in data or _peer_methods():
-        from .engine.peers import PeerConfig
-
-        peer = build_config(PeerConfig, data.get("peer", {}), "peer.")
-        peer.validate()
+    peer = build_config(PeerConfig, data.get("peer", {}), "peer.")
+    peer.validate()
     return cache, peer
 
 
@@ -122,11 +110,12 @@ def bench_model(cfg: BenchConfig, model: str, progress: bool = True) -> dict[str
     ref, ref_wall = _timed(cfg.repeats, lambda: run_method("full", *args, progress=progress, desc=f"{model} full"))
     ref_pixels = bundle.decode(ref.latents)
     rows = [_row("full", {}, ref, ref_wall, ref, ref_wall, ref_pixels, ref_pixels, flops, guided, cfg.steps)]
+    calibrations: dict = {}  # MagCache calibrations, computed once per model and step count
     for method, knobs in expand_runs(cfg):
         cache, peer = _knob_configs(knobs)
         label = f"{model} {method} {knobs}"
-        res, wall = _timed(cfg.repeats, lambda: run_method(method, *args, cache=cache, peer=peer,
-                                                          progress=progress, desc=label))
+        res, wall = _timed(cfg.repeats, lambda: run_method(method, *args, cache=cache, peer=peer, progress=progress,
+                                                          desc=label, calibrations=calibrations))
         rows.append(_row(method, knobs, res, wall, ref, ref_wall, bundle.decode(res.latents), ref_pixels,
                          flops, guided, cfg.steps))
     return {"model": model, "class": bundle.adapter.model_class, "latent_shape": list(shape),

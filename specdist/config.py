@@ -20,11 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
-from .engine.config import CACHE_METHODS, CacheConfig
+from .engine.config import CACHE_METHODS, PEER_METHODS, CacheConfig, PeerConfig
 from .errors import ConfigError
 from .errors import check_value as _check
 
-METHODS = ("full", *CACHE_METHODS)
+METHODS = ("full", *CACHE_METHODS, *PEER_METHODS)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,8 +51,9 @@ class GenerateConfig:
     model: str = "hunyuan-shapes-video"
     """A zoo name (see ``specdist models``) or a local diffusers directory."""
     method: str = "full"
-    """``full`` (every step computes the whole model), ``fora``, ``taylorseer`` or ``speca``
-    (see :mod:`specdist.engine.config`)."""
+    """``full`` (every step computes the whole model), ours: ``fora``, ``taylorseer``, ``speca``, or a
+    diffusers built-in cache as a peer: ``diffusers-fbcache``, ``diffusers-taylorseer``,
+    ``diffusers-magcache``, ``diffusers-pab`` (see :mod:`specdist.engine.config`)."""
     steps: int = 50
     """Denoising steps."""
     seed: int = 0
@@ -83,6 +84,7 @@ class GenerateConfig:
     """For a caching method, also run ``full`` from the same seeds and report PSNR/SSIM/rel-L2
     against it (doubles the cost; the honest way to read a speedup)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self, prefix: str = "") -> None:
@@ -99,6 +101,7 @@ class GenerateConfig:
             value = getattr(self, key)
             _check(value is None or value >= 1, f"{prefix}{key}", value, "an integer >= 1 or null")
         self.cache.validate(f"{prefix}cache.")
+        self.peer.validate(f"{prefix}peer.")
         self.output.validate(f"{prefix}output.")
 
     @property

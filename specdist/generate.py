@@ -102,7 +102,7 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
             noise = initial_noise(shape, [seeds[i] for i in idx])
             run = dict(progress=progress, desc=f"batch {k + 1}/{len(batches)} {cfg.method}")
             args = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, cfg.steps)
-            results.append(run_method(cfg.method, *args, cache=cfg.cache, **run))
+            results.append(run_method(cfg.method, *args, cache=cfg.cache, peer=cfg.peer, **run))
             if cfg.method != "full" and cfg.reference:
                 run["desc"] = f"batch {k + 1}/{len(batches)} full (reference)"
                 references.append(run_method("full", *args, **run))

@@ -14,8 +14,10 @@ from .sampling import SampleResult, sample_full
 
 def run_method(method: str, model: torch.nn.Module, adapter: Any, scheduler: Any, cond: Conditioning,
                noise: torch.Tensor, steps: int, *, cache: CacheConfig | None = None, peer: Any = None,
-               progress: bool = True, desc: str = "sampling") -> SampleResult:
-    """Sample ``noise`` with ``method``; the same inputs give the same trajectory for ``full``."""
+               progress: bool = True, desc: str = "sampling", calibrations: dict | None = None) -> SampleResult:
+    """Sample ``noise`` with ``method``; the same inputs give the same trajectory for ``full``.
+
+    ``calibrations`` (a dict the caller owns) keeps MagCache calibrations across calls."""
     if method == "full":
         return sample_full(model, adapter, scheduler, cond, noise, steps, progress=progress, desc=desc)
     if method in CACHE_METHODS:
@@ -23,7 +25,8 @@ def run_method(method: str, model: torch.nn.Module, adapter: Any, scheduler: Any
 
         return sample_cached(model, adapter, scheduler, cond, noise, steps, method, cache or CacheConfig(),
                              progress=progress, desc=desc)
-    from .engine.peers import PeerConfig, sample_with_peer
+    from .engine.config import PeerConfig
+    from .engine.peers import sample_with_peer
 
     return sample_with_peer(model, adapter, scheduler, cond, noise, steps, method, peer or PeerConfig(),
-                            progress=progress, desc=desc)
+                            progress=progress, desc=desc, calibrations=calibrations)

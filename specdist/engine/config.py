@@ -1,4 +1,5 @@
-"""Configuration of the feature-caching methods (``cache:`` section of a job config).
+"""Configuration of the feature-caching methods (``cache:`` section of a job config) and of the
+diffusers built-in caches run as peers (``peer:`` section; see :mod:`specdist.engine.peers`).
 
 Methods (``method`` key of the job):
 
@@ -13,11 +14,14 @@ Methods (``method`` key of the job):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ..errors import check_value as _check
 
 CACHE_METHODS = ("fora", "taylorseer", "speca")
+PEER_METHODS = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-pab")
+FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TIME_UNITS = ("index", "timestep")
 METRICS = ("rel_l1", "rel_l2", "cosine")
 
@@ -69,3 +73,75 @@ class CacheConfig:
         _check(self.max_run >= max(1, self.min_run), f"{prefix}max_run", self.max_run,
                f"an integer >= max(1, min_run={self.min_run})")
         _check(self.max_cache_bytes >= 0, f"{prefix}max_cache_bytes", self.max_cache_bytes, "an integer >= 0")
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        return re.compile(pattern) is not None
+    except re.error:
+        return False
+
+
+@dataclass(kw_only=True)
+class PeerConfig:
+    """Knobs of the diffusers peers (defaults: diffusers' own); each is used by the method named."""
+
+    fbcache_threshold: float = 0.05
+    """fbcache: skip the other blocks when the first block's residual changed by less than this
+    (relative mean absolute difference); 0 never skips."""
+    taylorseer_cache_interval: int = 5
+    """taylorseer: one full computation every this many steps after warm-up; 1 never forecasts."""
+    taylorseer_max_order: int = 1
+    """taylorseer: Taylor order of the forecast (0 = reuse)."""
+    taylorseer_disable_cache_before_step: int = 3
+    """taylorseer: leading steps always computed (they seed the Taylor factors)."""
+    taylorseer_cache_identifiers: list[str] | None = None
+    """taylorseer: regexes (``re.fullmatch`` on module names) of the modules to forecast. ``None``:
+    each block (``transformer_blocks\\.\\d+`` …), so a forecast step runs no block; diffusers'
+    default (``^transformer_blocks.*attn``) misses DiT's ``attn1``, on HunyuanVideo hooks attention only."""
+    taylorseer_lite: bool = False
+    """taylorseer: diffusers' lite mode (blocks return zeros, top-level ``proj_out`` forecast);
+    overrides the identifiers; needs a ``proj_out`` module (not DiT)."""
+    taylorseer_factors_dtype: str = "float32"
+    """taylorseer: dtype of the stored Taylor factors (diffusers' default is bfloat16)."""
+    magcache_threshold: float = 0.06
+    """magcache: skip while the accumulated ratio error stays at or below this."""
+    magcache_max_skip_steps: int = 3
+    """magcache: at most this many consecutive skipped steps (K); 0 never skips."""
+    magcache_retention_ratio: float = 0.2
+    """magcache: leading fraction of the steps never skipped."""
+    magcache_ratios: list[float] | None = None
+    """magcache: per-step magnitude ratios (interpolated to the step count); ``None`` calibrates
+    on the run's own inputs (:func:`calibrate_magcache`)."""
+    pab_spatial_skip_range: int = 2
+    """pab: each self-attention computes once every this many calls inside the timestep range;
+    1 never skips."""
+    pab_spatial_timestep_range: tuple[float, float] = (100.0, 800.0)
+    """pab: attention is reused only for scheduler timesteps strictly inside this range."""
+
+    def validate(self, prefix: str = "peer.") -> None:
+        _check(self.fbcache_threshold >= 0, f"{prefix}fbcache_threshold", self.fbcache_threshold, "a number >= 0")
+        _check(self.taylorseer_cache_interval >= 1, f"{prefix}taylorseer_cache_interval",
+               self.taylorseer_cache_interval, "an integer >= 1")
+        _check(0 <= self.taylorseer_max_order <= 6, f"{prefix}taylorseer_max_order", self.taylorseer_max_order,
+               "an integer 0..6")
+        _check(self.taylorseer_disable_cache_before_step >= 1, f"{prefix}taylorseer_disable_cache_before_step",
+               self.taylorseer_disable_cache_before_step, "an integer >= 1 (the forecast needs a computed step)")
+        ids = self.taylorseer_cache_identifiers
+        _check(ids is None or (len(ids) > 0 and all(isinstance(p, str) and _compiles(p) for p in ids)),
+               f"{prefix}taylorseer_cache_identifiers", ids, "null or a non-empty list of regular expressions")
+        _check(self.taylorseer_factors_dtype in FACTOR_DTYPES, f"{prefix}taylorseer_factors_dtype",
+               self.taylorseer_factors_dtype, f"one of {list(FACTOR_DTYPES)}")
+        _check(self.magcache_threshold >= 0, f"{prefix}magcache_threshold", self.magcache_threshold, "a number >= 0")
+        _check(self.magcache_max_skip_steps >= 0, f"{prefix}magcache_max_skip_steps", self.magcache_max_skip_steps,
+               "an integer >= 0")
+        _check(0 <= self.magcache_retention_ratio <= 1, f"{prefix}magcache_retention_ratio",
+               self.magcache_retention_ratio, "a number in [0, 1]")
+        r = self.magcache_ratios
+        _check(r is None or (len(r) > 0 and all(0 < float(x) < float("inf") for x in r)),
+               f"{prefix}magcache_ratios", r, "null or a non-empty list of positive numbers")
+        _check(self.pab_spatial_skip_range >= 1, f"{prefix}pab_spatial_skip_range", self.pab_spatial_skip_range,
+               "an integer >= 1")
+        lo_hi = self.pab_spatial_timestep_range
+        _check(len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1], f"{prefix}pab_spatial_timestep_range", lo_hi,
+               "[low, high] scheduler timesteps with low <= high")
