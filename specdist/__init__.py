@@ -1,8 +1,41 @@
 """specdist: speculative feature caching and a distributed runtime for diffusion transformers."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .config import GenerateConfig, load_config
 from .errors import CheckpointError, ConfigError, SpecdistError
 
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from .engine.config import CacheConfig
+
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "GenerateConfig", "SpecdistError", "__version__", "load_config"]
+
+# The pipeline drop-in imports torch and diffusers: load it on first use so `import specdist` stays light.
+def enable(pipe: Any, method: str = "speca", cache: "CacheConfig | None" = None) -> None:
+    """Speculative caching on a stock diffusers pipeline (:func:`specdist.engine.pipeline.enable`)."""
+    from .engine.pipeline import enable as _enable
+
+    _enable(pipe, method, cache)
+
+
+def disable(pipe: Any) -> None:
+    """Remove what :func:`enable` installed (:func:`specdist.engine.pipeline.disable`)."""
+    from .engine.pipeline import disable as _disable
+
+    _disable(pipe)
+
+
+def enabled(pipe: Any, method: str = "speca", cache: "CacheConfig | None" = None) -> "AbstractContextManager[None]":
+    """``with specdist.enabled(pipe): pipe(...)`` (:func:`specdist.engine.pipeline.enabled`)."""
+    from .engine.pipeline import enabled as _enabled
+
+    return _enabled(pipe, method, cache)
+
+
+__all__ = ["CheckpointError", "ConfigError", "GenerateConfig", "SpecdistError", "__version__", "disable", "enable",
+           "enabled", "load_config"]

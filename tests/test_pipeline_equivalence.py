@@ -12,32 +12,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, DDIMScheduler, DiTPipeline, DiTTransformer2DModel,
-                       DPMSolverMultistepScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                       HunyuanVideoPipeline, HunyuanVideoTransformer3DModel, PixArtAlphaPipeline,
-                       PixArtTransformer2DModel, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
+from diffusers import (DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler,
+                       PixArtAlphaPipeline, PixArtTransformer2DModel, UniPCMultistepScheduler, WanPipeline,
+                       WanTransformer3DModel)
 from diffusers.utils.torch_utils import randn_tensor
+from tiny_pipelines import SEEDS
+from tiny_pipelines import flux_pipe as _flux_pipe
+from tiny_pipelines import gens as _gens
+from tiny_pipelines import hunyuan_video_pipe
+from tiny_pipelines import image_vae as _vae
+from tiny_pipelines import text as _text
 
 from specdist.models import adapter_for
 from specdist.models.flux import pack, unpack
 from specdist.sampling import initial_noise, sample_full
 
-SEEDS = [3, 7]
 STEPS = 3
 CPU = torch.device("cpu")
-
-
-def _gens() -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in SEEDS]
-
-
-def _vae(latent_channels: int, **kw) -> AutoencoderKL:
-    """Tiny 2-level image VAE (spatial factor 2)."""
-    torch.manual_seed(10)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=4, **kw).eval()
 
 
 def _ours(pipe, cond, size: tuple[int, int, int]) -> torch.Tensor:
@@ -45,10 +36,6 @@ def _ours(pipe, cond, size: tuple[int, int, int]) -> torch.Tensor:
     shape = adapter.latent_shape(pipe.transformer, *size)
     return sample_full(pipe.transformer, adapter, pipe.scheduler, cond, initial_noise(shape, SEEDS), STEPS,
                        progress=False).latents
-
-
-def _text(batch: int, length: int, dim: int, seed: int) -> torch.Tensor:
-    return torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(seed))
 
 
 # ----- DiT: class-conditional, learned sigma, DDIM; the pipeline only returns decoded images ------
@@ -78,19 +65,6 @@ def test_dit_pipeline(guidance):
 
 
 # ----- FLUX (guidance-distilled): packed tokens in the pipeline, unpacked latents in specdist -------
-def _flux_pipe() -> FluxPipeline:
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                   pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4]).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(4, scaling_factor=0.3611, shift_factor=0.1159),
-                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_flux_pipeline():
     pipe = _flux_pipe()
     adapter = adapter_for(pipe.transformer)
@@ -115,19 +89,8 @@ def test_flux_pipeline():
 
 # ----- HunyuanVideo (guidance-distilled, embedded guidance 6.0) --------------------------------------
 def test_hunyuan_video_pipeline():
-    torch.manual_seed(0)
-    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
-                                           patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
-                                           pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)).eval()
-    torch.manual_seed(11)
-    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                    norm_num_groups=4, spatial_compression_ratio=8,
-                                    temporal_compression_ratio=4).eval()
-    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=model, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
-                                tokenizer_2=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = hunyuan_video_pipe()
+    model = pipe.transformer
     adapter = adapter_for(model)
     size = adapter.pipeline_latent_size(pipe, 16, 16, 5)
     assert size == (2, 2, 2)

@@ -103,6 +103,9 @@ class ModelAdapter(ABC):
     family: ClassVar[str]
     model_class: ClassVar[str]  # diffusers class name
     is_video: ClassVar[bool] = False
+    call_timestep_scale: ClassVar[float] = 1.0
+    """``scheduler.timesteps`` value = the transformer call's ``timestep`` × this (FLUX pipelines
+    pass ``t / 1000``; most others pass ``t``)."""
 
     # ----- structure -------------------------------------------------------------------------
     @abstractmethod

@@ -9,7 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Conditioning, ModelAdapter, timestep_batch
+from .base import Conditioning, ModelAdapter, StreamSpec, timestep_batch
+
+# Both block kinds take (hidden_states, encoder_hidden_states, ...) and return (encoder_hidden_states, hidden_states).
+_STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(1, 0))
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -61,12 +64,16 @@ class FluxAdapter(ModelAdapter):
 
     family = "flux"
     model_class = "FluxTransformer2DModel"
+    call_timestep_scale = 1000.0
 
     def block_lists(self, model: nn.Module) -> list[str]:
         return ["transformer_blocks", "single_transformer_blocks"]
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["norm_out", "proj_out"]
+
+    def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
+        return _STREAMS
 
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels // 4, height, width)
