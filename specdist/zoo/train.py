@@ -40,7 +40,20 @@ def _batch(spec: ZooSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, d
     return b.pixels, {"prompts": b.prompts}
 
 
-def _loss(spec, model, text_encoder, noise_sched, x0, cond, gen, cfg_drop: float) -> torch.Tensor:
+def _sigmas(n: int, gen: torch.Generator, sampling: str) -> torch.Tensor:
+    """Flow-matching noise levels: logit-normal (SD3), uniform, or a half/half mixture (covers the
+    small sigmas of the last sampling steps, which logit-normal almost never draws)."""
+    logit_normal = torch.sigmoid(torch.randn(n, generator=gen))
+    uniform = torch.rand(n, generator=gen)
+    if sampling == "logit_normal":
+        return logit_normal
+    if sampling == "uniform":
+        return uniform
+    return torch.where(torch.rand(n, generator=gen) < 0.5, logit_normal, uniform)
+
+
+def _loss(spec, model, text_encoder, noise_sched, x0, cond, gen, cfg_drop: float,
+          sigma_sampling: str = "logit_normal") -> torch.Tensor:
     n = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen)
     if spec.objective == "v_prediction":
@@ -49,7 +62,7 @@ def _loss(spec, model, text_encoder, noise_sched, x0, cond, gen, cfg_drop: float
         target = noise_sched.get_velocity(x0, noise, t)
         pred = model(hidden_states=xt, timestep=t, class_labels=cond["class_labels"]).sample
     else:
-        sigma = torch.sigmoid(torch.randn(n, generator=gen))
+        sigma = _sigmas(n, gen, sigma_sampling)
         s = sigma.view(n, *([1] * (x0.ndim - 1)))
         xt = (1 - s) * x0 + s * noise
         target = noise - x0
@@ -80,6 +93,23 @@ def save_checkpoint(spec: ZooSpec, model, text_encoder, out: Path, meta: dict) -
     os.replace(tmp, out)
 
 
+def _load_phase(spec: ZooSpec, path: Path):
+    """Weights (fp32) and earlier training phases of the checkpoint at ``path``."""
+    import diffusers
+
+    from .text_encoder import PromptEncoder
+
+    model = getattr(diffusers, spec.transformer_class).from_pretrained(
+        path / "transformer", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    text_encoder = None
+    if (path / "text_encoder").is_dir():
+        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32,
+                                                     low_cpu_mem_usage=False)
+    training = json.loads((path / "specdist_model.json").read_text())["training"]
+    phases = training.get("phases") or [{k: training[k] for k in ("command", "steps", "wall_s", "final_loss_ema")}]
+    return model, text_encoder, phases
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(ZOO_SPECS))
@@ -90,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--cfg-drop", type=float, default=0.1, help="prompt dropout for guidance")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this checkpoint's weights (a further training phase; recorded)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the spec's)")
+    p.add_argument("--sigma-sampling", default="logit_normal", choices=["logit_normal", "uniform", "mixed"],
+                   help="flow matching: how training noise levels are drawn")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     hp = spec.train
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = build_transformer(spec).to(args.device).train()
+    model = build_transformer(spec)
     text_encoder = build_text_encoder(spec)
+    previous: list[dict] = []
+    if args.init_from is not None:
+        model, text_encoder, previous = _load_phase(spec, args.init_from)
+    model = model.to(args.device).train()
     params = list(model.parameters())
     if text_encoder is not None:
         text_encoder = text_encoder.to(args.device).train()
         params += list(text_encoder.parameters())
     ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in (model, text_encoder) if m is not None]
-    opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=args.lr or hp["lr"], weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / hp["warmup"]) * (0.5 + 0.5 * math.cos(math.pi * s / args.steps))
     )
@@ -119,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(range(1, args.steps + 1), desc=f"train {spec.name} ({n_params / 1e6:.2f}M params)")
     for step in bar:
         x0, cond = _batch(spec, hp["batch_size"], gen)
-        loss = _loss(spec, model, text_encoder, noise_sched, x0.to(args.device), cond, gen, args.cfg_drop)
+        loss = _loss(spec, model, text_encoder, noise_sched, x0.to(args.device), cond, gen, args.cfg_drop,
+                     args.sigma_sampling)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -140,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
                 "description": spec.description,
                 "parameters": n_params,
                 "training": {
+                    "phases": [*previous, {
+                        "command": "python -m specdist.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv),
+                        "steps": step, "wall_s": round(time.time() - start, 1), "final_loss_ema": round(loss_avg, 5),
+                    }],
                     "command": "python -m specdist.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv),
-                    "steps": step,
+                    "steps": step + sum(p["steps"] for p in previous),
                     "batch_size": hp["batch_size"],
-                    "samples_seen": step * hp["batch_size"],
-                    "wall_s": round(time.time() - start, 1),
+                    "samples_seen": (step + sum(p["steps"] for p in previous)) * hp["batch_size"],
+                    "wall_s": round(time.time() - start + sum(p["wall_s"] for p in previous), 1),
                     "final_loss_ema": round(loss_avg, 5),
                     "device": args.device,
                     "threads": torch.get_num_threads(),
