@@ -47,7 +47,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Columns: NFE = full-model evaluations per sample (rollbacks included); NFE+ = NFE plus the FLOPs of "
         "speculative calls (embeddings, head and — for speca — the probe block) in full-forward units; "
         "speedups are against `full` in the same run; PSNR/SSIM on pixels and rel-L2 on latents vs `full` "
-        "from the same seed (mean / worst over samples); verif = verification FLOPs as a fraction of full inference.",
+        "from the same seed (mean / worst over samples); verif = verification FLOPs as a fraction of full inference. "
+        "For the diffusers peers, NFE and NFE+ are the measured share of the blocks' linear-layer work that "
+        "really ran (FBCache's always-run first block and PAB's MLPs included; see specdist/engine/peers.py).",
         "",
     ]
     for model in results["models"]:
