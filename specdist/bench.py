@@ -117,16 +117,18 @@ def bench_model(cfg: BenchConfig, model: str, progress: bool = True) -> dict[str
         res, wall = _timed(cfg.repeats, lambda: run_method(method, *args, cache=cache, peer=peer, progress=progress,
                                                           desc=label, calibrations=calibrations))
         rows.append(_row(method, knobs, res, wall, ref, ref_wall, bundle.decode(res.latents), ref_pixels,
-                         flops, guided, cfg.steps))
+                         flops, guided, cfg.steps, cache))
     return {"model": model, "class": bundle.adapter.model_class, "latent_shape": list(shape),
             "guidance_scale": cond.guidance_scale, "flops_per_forward": flops["total"], "rows": rows}
 
 
-def _row(method, knobs, res, wall, ref, ref_wall, pixels, ref_pixels, flops, guided, steps) -> dict[str, Any]:
+def _row(method, knobs, res, wall, ref, ref_wall, pixels, ref_pixels, flops, guided, steps,
+         cache: CacheConfig | None = None) -> dict[str, Any]:
     nfe_eff, extra = res.nfe, {}
     stats = getattr(res, "stats", None)
     if stats is not None:
-        summary = summarize(stats, flops, method, -1, steps)
+        cache = cache or CacheConfig()
+        summary = summarize(stats, flops, method, cache.probe_block, steps, cache.granularity)
         n = len(summary["accepted"])
         nfe_eff = summary["nfe_with_overhead"]
         extra = {

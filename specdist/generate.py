@@ -59,7 +59,7 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
     if cfg.method == "full":
         return {}
     stats = CacheStats.concat([r.stats for r in results])
-    out = summarize(stats, flops, cfg.method, cfg.cache.probe_block, cfg.steps)
+    out = summarize(stats, flops, cfg.method, cfg.cache.probe_block, cfg.steps, cfg.cache.granularity)
     out["cache"] = config_to_dict(cfg.cache)
     if references:
         ref_latents = torch.cat([r.latents for r in references])

@@ -201,3 +201,29 @@ def test_cache_byte_cap_lowers_order_or_fails(tiny):
     with pytest.raises(ConfigError, match="cache.max_cache_bytes"):
         sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer",
                       CacheConfig(order=2, max_cache_bytes=per_order // 2), progress=False)
+
+
+def test_lite_mode_caches_only_the_output_and_runs_no_model_on_forecasts(tiny):
+    model, adapter, sched, cond, noise, ref = tiny
+    calls = []
+    handle = adapter.blocks(model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        res = sample_cached(model, adapter, sched, cond, noise, 8, "taylorseer",
+                            CacheConfig(interval=2, granularity="output"), progress=False)
+    finally:
+        handle.remove()
+    assert {r["decisions"] for r in res.stats.per_sample()} == {"FFFAFAFA"}
+    assert len(calls) == 5  # the block ran on the 5 full steps only
+    assert res.stats.cache_bytes == 2 * noise.numel() * 4  # order 1: two output-sized factors per sample
+    assert torch.isfinite(res.latents).all() and not torch.equal(res.latents, ref.latents)
+    exact = sample_cached(model, adapter, sched, cond, noise, 8, "fora", CacheConfig(interval=1, granularity="output"),
+                          progress=False)
+    assert torch.equal(exact.latents, ref.latents)
+
+
+def test_lite_mode_refused_for_speca(tiny):
+    from specdist.errors import ConfigError
+
+    model, adapter, sched, cond, noise, _ = tiny
+    with pytest.raises(ConfigError, match="cache.granularity"):
+        sample_cached(model, adapter, sched, cond, noise, 4, "speca", CacheConfig(granularity="output"), progress=False)

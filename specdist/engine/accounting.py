@@ -7,19 +7,24 @@ from typing import Any
 from .speculative import CacheStats
 
 
-def speculative_call_cost(flops: dict[str, Any], method: str, probe_block: int = -1) -> float:
-    """FLOPs of one speculative call as a fraction of a full forward: embeddings and head, plus
-    the probe block for ``speca`` (``flops`` from :func:`specdist.metrics.flops.flops_breakdown`)."""
+def speculative_call_cost(flops: dict[str, Any], method: str, probe_block: int = -1,
+                          granularity: str = "probe") -> float:
+    """FLOPs of one speculative step as a fraction of a full forward: embeddings and head, plus the
+    probe block for ``speca``; nothing in lite mode (``granularity: output``, no model call).
+    ``flops`` comes from :func:`specdist.metrics.flops.flops_breakdown`."""
+    if granularity == "output":
+        return 0.0
     probe = flops["per_block"][probe_block] if method == "speca" else 0
     return (flops["embed_and_head"] + probe) / flops["total"]
 
 
-def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block: int, steps: int) -> dict[str, Any]:
+def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block: int, steps: int,
+              granularity: str = "probe") -> dict[str, Any]:
     """Per-run figures: NFE with overhead, verification overhead, acceptance, runs, cache bytes."""
     per = stats.per_sample()
     n = len(per)
     spec_steps = [r["accepted"] + r["rejected"] for r in per]
-    cost = speculative_call_cost(flops, method, probe_block)
+    cost = speculative_call_cost(flops, method, probe_block, granularity)
     runs = [r["mean_accepted_run"] for r in per if r["accepted"]]
     overhead = cost * sum(spec_steps) / (n * steps)
     return {

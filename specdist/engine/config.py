@@ -23,6 +23,7 @@ CACHE_METHODS = ("fora", "taylorseer", "speca")
 PEER_METHODS = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-pab")
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TIME_UNITS = ("index", "timestep")
+GRANULARITIES = ("probe", "output")
 METRICS = ("rel_l1", "rel_l2", "cosine")
 
 
@@ -37,6 +38,11 @@ class CacheConfig:
     ``timestep`` (the scheduler's own time t / num_train_timesteps, i.e. sigma for flow matching)."""
     interval: int = 3
     """fora, taylorseer: one full step every ``interval`` steps."""
+    granularity: str = "probe"
+    """What is cached and forecast. ``probe``: the probe block's input and the last block's output
+    (video and text streams); a speculative step runs embeddings, the probe block (speca) and the
+    head. ``output`` ("lite"): the model output only, one tensor per row; a speculative step runs no
+    model at all (fora and taylorseer only: speca needs the probe's features to verify)."""
     probe_block: int = -1
     """speca: the block run for real to verify a forecast (negative counts from the end)."""
     metric: str = "rel_l2"
@@ -67,6 +73,8 @@ class CacheConfig:
         _check(0 <= self.order <= 6, f"{prefix}order", self.order, "an integer 0..6")
         _check(self.time in TIME_UNITS, f"{prefix}time", self.time, f"one of {list(TIME_UNITS)}")
         _check(self.interval >= 1, f"{prefix}interval", self.interval, "an integer >= 1")
+        _check(self.granularity in GRANULARITIES, f"{prefix}granularity", self.granularity,
+               f"one of {list(GRANULARITIES)}")
         _check(self.metric in METRICS, f"{prefix}metric", self.metric, f"one of {list(METRICS)}")
         _check(self.tau0 >= 0, f"{prefix}tau0", self.tau0, "a number >= 0")
         _check(0 < self.beta <= 1, f"{prefix}beta", self.beta, "a number in (0, 1]")

@@ -122,8 +122,14 @@ class SpeculativeStepper:
     def __init__(self, hooks: SpeculationHooks, method: str, cfg: CacheConfig, samples: int, branches: int = 1, *,
                  threshold_fn: Callable[[int], float] | None = None, cache_cls: type[TaylorCache] = TaylorCache) -> None:
         self.hooks, self.method, self.cfg = hooks, method, cfg
-        self.samples, self.branches = samples, branches
         self.verify = method == "speca"
+        if self.verify and cfg.granularity == "output":
+            from ..errors import ConfigError
+
+            raise ConfigError("invalid value for 'cache.granularity': 'output' (allowed with method speca: 'probe'; "
+                              "verification needs the probe block's features)")
+        # Lite caches the call's (guided) output: one row per sample, whatever the branches.
+        self.samples, self.branches = samples, 1 if cfg.granularity == "output" else branches
         self.threshold_fn = threshold_fn
         self.cache_cls = cache_cls
         self.cache: TaylorCache | None = None
@@ -136,19 +142,26 @@ class SpeculativeStepper:
         """Cache rows of ``samples`` (one per branch)."""
         return torch.cat([samples + k * self.samples for k in range(self.branches)])
 
+    @property
+    def lite(self) -> bool:
+        """Whether the model output itself is cached (``granularity: output``)."""
+        return self.cfg.granularity == "output"
+
     def _forecast(self, spec: torch.Tensor, time: float) -> dict[str, tuple[torch.Tensor, ...]]:
         flat = self.cache.forecast(self.rows_of(spec), time)
         forecast, k = {}, 0
         for name, n in self.layout:
             forecast[name], k = tuple(flat[k:k + n]), k + n
-        forecast.setdefault("probe_out", forecast["last_out"])
+        if not self.lite:
+            forecast.setdefault("probe_out", forecast["last_out"])
         return forecast
 
     def _record(self, redo: torch.Tensor, time: float, recorded: dict) -> None:
-        feats = [recorded[name] for name in self.hooks.feature_names]
+        names = ("output",) if self.lite else self.hooks.feature_names
+        feats = [recorded[name] for name in names]
         flat = tuple(s for f in feats for s in f)
         if self.cache is None:
-            self.layout = [(name, len(f)) for name, f in zip(self.hooks.feature_names, feats)]
+            self.layout = [(name, len(f)) for name, f in zip(names, feats)]
             rows = self.samples * self.branches
             per_order = sum(s[0].numel() * s.element_size() for s in flat) * rows
             self.stats.effective_order = _fit_order(self.stats.effective_order, per_order, self.cfg.max_cache_bytes)
@@ -171,9 +184,12 @@ class SpeculativeStepper:
         spec = (~full).nonzero().flatten()
         if len(spec):
             forecast = self._forecast(spec, time)
-            plan = self.hooks.plan("speculate", verify=self.verify, forecast=forecast)
-            o = call(spec)
-            stats.spec_calls += 1
+            if self.lite:  # the forecast is the output: no model call at all
+                o = forecast["output"][0]
+            else:
+                plan = self.hooks.plan("speculate", verify=self.verify, forecast=forecast)
+                o = call(spec)
+                stats.spec_calls += 1
             ok = torch.isfinite(o.flatten(1)).all(dim=1)
             err = torch.full_like(ok, float("nan"), dtype=torch.float32)
             if self.verify:
@@ -196,9 +212,11 @@ class SpeculativeStepper:
             if len(stats.decisions[sample]) == i:
                 stats.decisions[sample].append("F")
         if len(redo):
-            plan = self.hooks.plan("record")
+            plan = self.hooks.plan("off" if self.lite else "record")
             o = call(redo)
             stats.full_calls += 1
+            if self.lite:
+                plan.recorded["output"] = (o,)
             self._record(redo, time, plan.recorded)
             if out is None:
                 out = o.new_empty((b, *o.shape[1:]))
