@@ -17,7 +17,7 @@ from specdist.config import load_config
 from specdist.generate import run_generate
 
 JOBS = {
-    "dit-shapes": ["model=dit-shapes", "steps=10", "num_samples=2", "class_labels=[circle, ring]", "guidance_scale=2.0"],
+    "dit-shapes": ["model=dit-shapes", "steps=10", "num_samples=2", "class_labels=[circle, ring]", "guidance_scale=4.0"],
     "hunyuan-shapes-video": ["model=hunyuan-shapes-video", "steps=10", "num_samples=2",
                              "prompt=[red square moving right, blue circle moving down]", "guidance_scale=3.0"],
 }

@@ -64,7 +64,7 @@ ZOO_SPECS: dict[str, ZooSpec] = {
         ),
         sample_shape=(3, 32, 32),
         class_names=SHAPE_CLASSES,
-        default_guidance=2.0,
+        default_guidance=4.0,
         train=dict(batch_size=32, lr=1e-3, warmup=200, ema_decay=0.999),
     ),
     "hunyuan-shapes-video": ZooSpec(
