@@ -71,7 +71,7 @@ def main() -> None:
             media.save_video_grid_png(pixels, args.out / f"{name}.png")
             media.save_gif(pixels, args.out / f"{name}.gif", fps=6)
         else:
-            media.save_image_grid(pixels, args.out / f"{name}.png", nrow=8)
+            media.save_image_grid(pixels, args.out / f"{name}.png", nrow=8, scale=4)
         for key, values in change.items():
             ax[k].semilogy(range(1, args.steps), values, label=key)
         ax[k].set_title(f"{name}: step-to-step change")
