@@ -101,8 +101,6 @@ class GenerateConfig:
             value = getattr(self, key)
             _check(value is None or value >= 1, f"{prefix}{key}", value, "an integer >= 1 or null")
         self.cache.validate(f"{prefix}cache.")
-        _check(not (self.method == "speca" and self.cache.granularity == "output"), f"{prefix}cache.granularity",
-               self.cache.granularity, "'probe' with method speca (verification needs the probe block's features)")
         self.peer.validate(f"{prefix}peer.")
         self.output.validate(f"{prefix}output.")
 

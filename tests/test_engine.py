@@ -221,9 +221,16 @@ def test_lite_mode_caches_only_the_output_and_runs_no_model_on_forecasts(tiny):
     assert torch.equal(exact.latents, ref.latents)
 
 
-def test_lite_mode_refused_for_speca(tiny):
-    from specdist.errors import ConfigError
-
-    model, adapter, sched, cond, noise, _ = tiny
-    with pytest.raises(ConfigError, match="cache.granularity"):
-        sample_cached(model, adapter, sched, cond, noise, 4, "speca", CacheConfig(granularity="output"), progress=False)
+def test_speca_lite_verifies_with_the_probe_and_accepts_the_forecast_output(tiny):
+    model, adapter, sched, cond, noise, ref = tiny
+    exact = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(granularity="output"),
+                          progress=False, threshold_fn=lambda i: 0.0)
+    assert torch.equal(exact.latents, ref.latents)  # every check rejects: full compute
+    loose = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(granularity="output", max_run=3),
+                          progress=False, threshold_fn=lambda i: float("inf"))
+    probe = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(max_run=3),
+                          progress=False, threshold_fn=lambda i: float("inf"))
+    assert {r["decisions"] for r in loose.stats.per_sample()} == {"FFFAAAFA"}
+    assert loose.stats.spec_calls == 4  # the probe ran on every speculative step
+    assert loose.stats.cache_bytes > probe.stats.cache_bytes  # probe features + the output
+    assert not torch.equal(loose.latents, probe.latents)  # the accepted output is the forecast output

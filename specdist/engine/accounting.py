@@ -10,9 +10,9 @@ from .speculative import CacheStats
 def speculative_call_cost(flops: dict[str, Any], method: str, probe_block: int = -1,
                           granularity: str = "probe") -> float:
     """FLOPs of one speculative step as a fraction of a full forward: embeddings and head, plus the
-    probe block for ``speca``; nothing in lite mode (``granularity: output``, no model call).
+    probe block for ``speca``; nothing for unverified lite forecasts (``granularity: output``).
     ``flops`` comes from :func:`specdist.metrics.flops.flops_breakdown`."""
-    if granularity == "output":
+    if granularity == "output" and method != "speca":
         return 0.0
     probe = flops["per_block"][probe_block] if method == "speca" else 0
     return (flops["embed_and_head"] + probe) / flops["total"]

@@ -41,8 +41,9 @@ class CacheConfig:
     granularity: str = "probe"
     """What is cached and forecast. ``probe``: the probe block's input and the last block's output
     (video and text streams); a speculative step runs embeddings, the probe block (speca) and the
-    head. ``output`` ("lite"): the model output only, one tensor per row; a speculative step runs no
-    model at all (fora and taylorseer only: speca needs the probe's features to verify)."""
+    head. ``output`` ("lite"): the model output itself is forecast (one tensor per sample); for fora
+    and taylorseer a speculative step runs no model at all; speca still caches the probe features
+    and runs the probe to verify, but accepts the forecast output."""
     probe_block: int = -1
     """speca: the block run for real to verify a forecast (negative counts from the end)."""
     metric: str = "rel_l2"

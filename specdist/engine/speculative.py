@@ -123,51 +123,64 @@ class SpeculativeStepper:
                  threshold_fn: Callable[[int], float] | None = None, cache_cls: type[TaylorCache] = TaylorCache) -> None:
         self.hooks, self.method, self.cfg = hooks, method, cfg
         self.verify = method == "speca"
-        if self.verify and cfg.granularity == "output":
-            from ..errors import ConfigError
-
-            raise ConfigError("invalid value for 'cache.granularity': 'output' (allowed with method speca: 'probe'; "
-                              "verification needs the probe block's features)")
-        # Lite caches the call's (guided) output: one row per sample, whatever the branches.
-        self.samples, self.branches = samples, 1 if cfg.granularity == "output" else branches
+        self.samples, self.branches = samples, branches
         self.threshold_fn = threshold_fn
         self.cache_cls = cache_cls
-        self.cache: TaylorCache | None = None
+        self.cache: TaylorCache | None = None  # probe features: rows = samples x branches
+        self.out_cache: TaylorCache | None = None  # lite: the (guided) call output, rows = samples
         self.layout: list[tuple[str, int]] = []
         self.run_len = torch.zeros(samples, dtype=torch.long)
         self.stats = CacheStats([[] for _ in range(samples)], [[] for _ in range(samples)], [], 0,
                                 _effective_order(method, cfg))
 
-    def rows_of(self, samples: torch.Tensor) -> torch.Tensor:
-        """Cache rows of ``samples`` (one per branch)."""
-        return torch.cat([samples + k * self.samples for k in range(self.branches)])
-
     @property
     def lite(self) -> bool:
-        """Whether the model output itself is cached (``granularity: output``)."""
+        """Whether the model output itself is forecast (``granularity: output``)."""
         return self.cfg.granularity == "output"
 
+    @property
+    def uses_probe(self) -> bool:
+        """Whether the probe features are cached: always, except for unverified lite forecasts."""
+        return self.verify or not self.lite
+
+    def rows_of(self, samples: torch.Tensor) -> torch.Tensor:
+        """Feature-cache rows of ``samples`` (one per branch)."""
+        return torch.cat([samples + k * self.samples for k in range(self.branches)])
+
     def _forecast(self, spec: torch.Tensor, time: float) -> dict[str, tuple[torch.Tensor, ...]]:
-        flat = self.cache.forecast(self.rows_of(spec), time)
-        forecast, k = {}, 0
-        for name, n in self.layout:
-            forecast[name], k = tuple(flat[k:k + n]), k + n
-        if not self.lite:
+        forecast: dict[str, tuple[torch.Tensor, ...]] = {}
+        if self.uses_probe:
+            flat, k = self.cache.forecast(self.rows_of(spec), time), 0
+            for name, n in self.layout:
+                forecast[name], k = tuple(flat[k:k + n]), k + n
             forecast.setdefault("probe_out", forecast["last_out"])
+        if self.lite:
+            forecast["output"] = self.out_cache.forecast(spec, time)
         return forecast
 
-    def _record(self, redo: torch.Tensor, time: float, recorded: dict) -> None:
-        names = ("output",) if self.lite else self.hooks.feature_names
+    def _record(self, redo: torch.Tensor, time: float, recorded: dict, output: torch.Tensor) -> None:
+        names = self.hooks.feature_names if self.uses_probe else ()
         feats = [recorded[name] for name in names]
         flat = tuple(s for f in feats for s in f)
-        if self.cache is None:
+        if self.cache is None and self.out_cache is None:  # first full step: size and create
             self.layout = [(name, len(f)) for name, f in zip(names, feats)]
-            rows = self.samples * self.branches
-            per_order = sum(s[0].numel() * s.element_size() for s in flat) * rows
-            self.stats.effective_order = _fit_order(self.stats.effective_order, per_order, self.cfg.max_cache_bytes)
-            self.cache = self.cache_cls(self.stats.effective_order, rows)
-        self.cache.update(self.rows_of(redo), flat, time)
-        self.stats.cache_bytes = self.cache.nbytes()
+            per_order = sum(s[0].numel() * s.element_size() for s in flat) * self.samples * self.branches
+            if self.lite:
+                per_order += output[0].numel() * output.element_size() * self.samples
+            order = _fit_order(self.stats.effective_order, per_order, self.cfg.max_cache_bytes)
+            self.stats.effective_order = order
+            self.cache = self.cache_cls(order, self.samples * self.branches) if self.uses_probe else None
+            self.out_cache = self.cache_cls(order, self.samples) if self.lite else None
+        if self.cache is not None:
+            self.cache.update(self.rows_of(redo), flat, time)
+        if self.out_cache is not None:
+            self.out_cache.update(redo, (output,), time)
+        self.stats.cache_bytes = sum(c.nbytes() for c in (self.cache, self.out_cache) if c is not None)
+
+    def _ready(self) -> torch.Tensor:
+        cache = self.cache if self.cache is not None else self.out_cache
+        b = self.samples
+        return cache.ready(torch.arange(b)) if cache is not None else torch.zeros(b, dtype=torch.bool)
 
     def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Model output ``[samples, ...]`` for step ``i`` of ``steps`` at forecaster time ``time``."""
@@ -177,19 +190,18 @@ class SpeculativeStepper:
             tau = self.threshold_fn(i) if self.threshold_fn else threshold(i / max(steps - 1, 1), cfg.tau0, cfg.beta,
                                                                             cfg.tau_min)
         stats.thresholds.append(tau)
-        ready = self.cache.ready(torch.arange(b)) if self.cache is not None else torch.zeros(b, dtype=torch.bool)
-        full = must_compute_full(self.method, cfg, i, steps, self.run_len, ready)
+        full = must_compute_full(self.method, cfg, i, steps, self.run_len, self._ready())
         errors: list[float | None] = [None] * b
         out = None
         spec = (~full).nonzero().flatten()
         if len(spec):
             forecast = self._forecast(spec, time)
-            if self.lite:  # the forecast is the output: no model call at all
-                o = forecast["output"][0]
-            else:
+            if self.uses_probe:
                 plan = self.hooks.plan("speculate", verify=self.verify, forecast=forecast)
                 o = call(spec)
                 stats.spec_calls += 1
+            if self.lite:  # the forecast is the output (unverified lite: no model call at all)
+                o = forecast["output"][0]
             ok = torch.isfinite(o.flatten(1)).all(dim=1)
             err = torch.full_like(ok, float("nan"), dtype=torch.float32)
             if self.verify:
@@ -212,12 +224,10 @@ class SpeculativeStepper:
             if len(stats.decisions[sample]) == i:
                 stats.decisions[sample].append("F")
         if len(redo):
-            plan = self.hooks.plan("off" if self.lite else "record")
+            plan = self.hooks.plan("record" if self.uses_probe else "off")
             o = call(redo)
             stats.full_calls += 1
-            if self.lite:
-                plan.recorded["output"] = (o,)
-            self._record(redo, time, plan.recorded)
+            self._record(redo, time, plan.recorded, o)
             if out is None:
                 out = o.new_empty((b, *o.shape[1:]))
             out[redo.to(o.device)] = o
