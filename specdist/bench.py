@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import apply_overrides, build_config, config_to_dict
 from .engine.accounting import summarize
 from .engine.config import CacheConfig, PeerConfig

@@ -192,3 +192,14 @@ def timestep_batch(timestep: torch.Tensor, batch: int, device: torch.device, dty
     if dtype is not None:
         t = t.to(dtype)
     return t.reshape(-1)[:1].expand(batch)
+
+
+class DualStreamAdapter(ModelAdapter):
+    """MM-DiT layout shared by FLUX and HunyuanVideo: dual-stream ``transformer_blocks``, then
+    single-stream ``single_transformer_blocks``, then the ``norm_out`` / ``proj_out`` head."""
+
+    def block_lists(self, model: nn.Module) -> list[str]:
+        return ["transformer_blocks", "single_transformer_blocks"]
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return ["norm_out", "proj_out"]

@@ -15,7 +15,9 @@ class DiTAdapter(ModelAdapter):
 
     The null class (for guidance) is ``num_embeds_ada_norm`` (1000 for ImageNet DiT, as in
     diffusers' ``DiTPipeline``). With learned variance (``out_channels == 2 * in_channels``) the
-    second half of the output channels is dropped.
+    second half of the output channels is dropped. ``DiTPipeline`` applies guidance to the eps
+    channels only and steps both halves; on the conditional half that equals the generic
+    :meth:`ModelAdapter.predict`.
     """
 
     family = "dit"
@@ -39,11 +41,6 @@ class DiTAdapter(ModelAdapter):
         out = model(latents, timestep=t, class_labels=kwargs["class_labels"]).sample
         channels = latents.shape[1]
         return out[:, :channels] if model.config.out_channels == 2 * channels else out
-
-    def predict(self, model, latents, timestep, cond) -> torch.Tensor:
-        # DiTPipeline applies guidance to the eps channels only and steps both halves; on the
-        # returned conditional half this equals the generic formula.
-        return super().predict(model, latents, timestep, cond)
 
     def conditioning(self, model: nn.Module, labels: torch.Tensor, guidance_scale: float) -> Conditioning:
         """Conditioning for class ids ``labels`` (``[B]`` int64)."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Conditioning, ModelAdapter, StreamSpec, timestep_batch
+from .base import Conditioning, DualStreamAdapter, StreamSpec, timestep_batch
 
 # Both block kinds take (hidden_states, encoder_hidden_states, ...) and return (encoder_hidden_states, hidden_states).
 _STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(1, 0))
@@ -44,7 +44,7 @@ def calculate_shift(seq_len: int, base_seq: int = 256, max_seq: int = 4096,
     return seq_len * m + (base_shift - m * base_seq)
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(DualStreamAdapter):
     """FLUX: dual-stream ``transformer_blocks`` then single-stream ``single_transformer_blocks``.
 
     **Latent layout: unpacked** ``[B, C, H, W]`` with ``C = in_channels / 4`` (the VAE's latent
@@ -65,12 +65,6 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     model_class = "FluxTransformer2DModel"
     call_timestep_scale = 1000.0
-
-    def block_lists(self, model: nn.Module) -> list[str]:
-        return ["transformer_blocks", "single_transformer_blocks"]
-
-    def head_modules(self, model: nn.Module) -> list[str]:
-        return ["norm_out", "proj_out"]
 
     def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
         return _STREAMS

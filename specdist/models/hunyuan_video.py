@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Conditioning, ModelAdapter, StreamSpec, timestep_batch
+from .base import Conditioning, DualStreamAdapter, StreamSpec, timestep_batch
 
 _STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(0, 1))
 
 
-class HunyuanVideoAdapter(ModelAdapter):
+class HunyuanVideoAdapter(DualStreamAdapter):
     """HunyuanVideo: dual-stream ``transformer_blocks`` then single-stream ``single_transformer_blocks``.
 
     Calls follow ``HunyuanVideoPipeline``: latents ``[B, C, F, H, W]``, ``timestep = t`` (sigma ×
@@ -27,12 +27,6 @@ class HunyuanVideoAdapter(ModelAdapter):
     family = "hunyuan_video"
     model_class = "HunyuanVideoTransformer3DModel"
     is_video = True
-
-    def block_lists(self, model: nn.Module) -> list[str]:
-        return ["transformer_blocks", "single_transformer_blocks"]
-
-    def head_modules(self, model: nn.Module) -> list[str]:
-        return ["norm_out", "proj_out"]
 
     def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
         # Every block (dual and single stream) takes and returns (hidden_states, encoder_hidden_states).
