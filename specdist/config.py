@@ -22,6 +22,7 @@ import yaml
 
 from .engine.config import CACHE_METHODS, PEER_METHODS, CacheConfig, PeerConfig
 from .errors import ConfigError
+from .runtime.config import LATENCY_METHODS, RuntimeConfig
 from .errors import check_value as _check
 
 METHODS = ("full", *CACHE_METHODS, *PEER_METHODS)
@@ -86,6 +87,7 @@ class GenerateConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self, prefix: str = "") -> None:
         _check(bool(self.model), f"{prefix}model", self.model, "a zoo model name or a local path")
@@ -103,6 +105,11 @@ class GenerateConfig:
         self.cache.validate(f"{prefix}cache.")
         self.peer.validate(f"{prefix}peer.")
         self.output.validate(f"{prefix}output.")
+        self.runtime.validate(f"{prefix}runtime.")
+        if self.runtime.distributed and self.runtime.mode == "latency":
+            _check(self.method in LATENCY_METHODS, f"{prefix}method", self.method,
+                   f"one of {list(LATENCY_METHODS)} with runtime.mode=latency (other methods: runtime.mode=throughput "
+                   f"or runtime.backend=none)")
 
     @property
     def effective_batch_size(self) -> int:

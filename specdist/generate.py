@@ -22,7 +22,7 @@ from .metrics.flops import flops_breakdown
 from .metrics.telemetry import GpuTelemetry
 from .methods import run_method
 from .report import StagedOutput, output_sha256, write_json
-from .sampling import initial_noise
+from .sampling import SampleResult, initial_noise
 
 
 def _cycled(values: list[str], n: int) -> list[str]:
@@ -76,6 +76,59 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
     return out
 
 
+def distributed_quality(references: list, latents: torch.Tensor, pixels: torch.Tensor | None,
+                        bundle: ModelBundle) -> dict[str, Any]:
+    """Quality of a distributed run against the single-process full-compute reference."""
+    if not references:
+        return {}
+    ref_latents = torch.cat([r.latents for r in references])
+    ref_pixels = bundle.decode(ref_latents)
+    return {"reference": {
+        "output_sha256_full": output_sha256(ref_latents),
+        "full_wall_s": round(sum(r.wall_s for r in references), 4),
+        "latent_rel_l2": compare(latents, ref_latents)["rel_l2"],
+        "pixels": compare(pixels, ref_pixels) if pixels is not None else None,
+    }}
+
+
+def _run_distributed(cfg: GenerateConfig, bundle: ModelBundle, shape: tuple[int, ...], prompts: list[str],
+                     labels: list[str], guidance: float, seeds: list[int], progress: bool,
+                     log: Callable[[str], None]) -> tuple[list, list, tuple, dict]:
+    from .runtime.report import runtime_report
+    from .runtime.run import run_distributed, worker_spec
+    from .runtime.worker import encode_all
+
+    noise = initial_noise(shape, seeds)
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=progress, log=log)
+    result = SampleResult(latents=run.latents, nfe=sum(run.nfe) / len(run.nfe), wall_s=run.stats.wall_s)
+    cond = encode_all(bundle, worker_spec(cfg, prompts, labels, guidance))
+    tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
+    references = []
+    if cfg.reference and not (cfg.method == "full" and cfg.runtime.mode == "latency"):
+        references.append(run_method("full", bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise,
+                                     cfg.steps, progress=progress, desc="full (reference, single process)"))
+    return [result], references, tokens, runtime_report(cfg, run)
+
+
+def _torchrun_worker(cfg: GenerateConfig) -> dict[str, Any]:
+    """A torchrun worker rank: serve jobs until rank 0 is done; writes nothing."""
+    import torch.distributed as dist
+
+    from .runtime.run import worker_spec
+    from .runtime.torchrun_backend import run_worker_rank
+
+    bundle = load_model(cfg.model, device="cpu", dtype=cfg.dtype, scheduler=cfg.scheduler)
+    prompts, labels = job_inputs(cfg, bundle)
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else bundle.default_guidance
+    del bundle
+    try:
+        jobs = run_worker_rank(cfg, worker_spec(cfg, prompts, labels, guidance))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {"rank": int(__import__("os").environ["RANK"]), "jobs": jobs}
+
+
 def run_generate(cfg: GenerateConfig, *, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one generation job and write ``cfg.output.dir``; returns the report dict.
@@ -84,6 +137,13 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
     run never leaves a partial result under the final name.
     """
     t0 = time.perf_counter()
+    rt = cfg.runtime
+    if rt.backend == "torchrun":
+        from .runtime.torchrun_backend import rank_info
+
+        info = rank_info()
+        if info is not None and info[0] != 0:
+            return _torchrun_worker(cfg)
     bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else bundle.default_guidance
     shape = bundle.latent_shape(cfg.height, cfg.width, cfg.frames)
@@ -93,9 +153,12 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
     batches = [list(range(i, min(i + bs, cfg.num_samples))) for i in range(0, cfg.num_samples, bs)]
     log(f"specdist: {bundle.name} ({bundle.adapter.model_class}), {cfg.num_samples} samples x {cfg.steps} steps, "
         f"method={cfg.method}, device={bundle.device}")
-    results, references, tokens = [], [], None
+    results, references, tokens, runtime = [], [], None, {}
     with GpuTelemetry() as telemetry:
-        for k, idx in enumerate(batches):
+        if rt.distributed:
+            results, references, tokens, runtime = _run_distributed(cfg, bundle, shape, prompts, labels, guidance,
+                                                                     seeds, progress, log)
+        for k, idx in enumerate([] if rt.distributed else batches):
             cond = bundle.encode([prompts[i] for i in idx] if prompts else [""] * len(idx),
                                  [labels[i] for i in idx] if labels else [], guidance, cfg.seed)
             tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
@@ -112,7 +175,8 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
     flops = flops_breakdown(bundle.transformer, *tokens)
     per_forward = flops["total"]
     nfe = sum(r.nfe * r.latents.shape[0] for r in results) / cfg.num_samples
-    caching = cache_report(cfg, results, references, flops, latents, pixels, bundle)
+    caching = (cache_report(cfg, results, references, flops, latents, pixels, bundle) if not rt.distributed
+               else distributed_quality(references, latents, pixels, bundle))
     nfe_eff = caching.get("nfe_with_overhead", nfe)
     report = {
         "model": bundle.name,
@@ -138,6 +202,7 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
         },
         "sampling_wall_s": round(sum(r.wall_s for r in results), 4),
         **caching,
+        **({"runtime": runtime} if runtime else {}),
         "output_sha256": output_sha256(latents),
         "telemetry": telemetry.summary(),
         "environment": environment(bundle.device),

@@ -93,20 +93,56 @@ def save_checkpoint(spec: ZooSpec, model, text_encoder, out: Path, meta: dict) -
     os.replace(tmp, out)
 
 
+def _adapt_patch_t(state: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
+    """Map weights trained with a larger temporal patch onto ``model`` (in place); names the changed keys.
+
+    A temporal patch of ``p_t`` frames embeds ``sum_i W_i f_i`` over its frames, so a one-frame patch
+    gets ``sum_i W_i`` (a static clip embeds as before); the output head's rows for the ``p_t`` frame
+    slots, laid out ``(C, p_t, p, p)``, are averaged into the one slot.
+    """
+    target = model.state_dict()
+    changed = []
+    for key, value in list(state.items()):
+        want = target[key].shape
+        if value.shape == want:
+            continue
+        if key == "x_embedder.proj.weight" and value.dim() == 5 and want[2] == 1:
+            state[key] = value.sum(dim=2, keepdim=True)
+        elif key in ("proj_out.weight", "proj_out.bias"):
+            c = model.config.out_channels
+            pt_old = value.shape[0] // want[0]
+            tail = value.shape[1:]
+            state[key] = value.reshape(c, pt_old, -1, *tail).mean(dim=1).reshape(want)
+        else:
+            raise ValueError(f"cannot adapt {key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+        changed.append(key)
+    return changed
+
+
 def _load_phase(spec: ZooSpec, path: Path):
-    """Weights (fp32) and earlier training phases of the checkpoint at ``path``."""
-    import diffusers
+    """Weights (fp32) and earlier training phases of the checkpoint at ``path``.
+
+    The model is built from the current spec; weights whose shape changed with the temporal patch
+    size are mapped by :func:`_adapt_patch_t` and the mapping is recorded in the phase list.
+    """
+    from safetensors.torch import load_file
 
     from .text_encoder import PromptEncoder
 
-    model = getattr(diffusers, spec.transformer_class).from_pretrained(
-        path / "transformer", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    model = build_transformer(spec).float()
+    state = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    state = {k: v.float() for k, v in state.items()}
+    changed = _adapt_patch_t(state, model)
+    model.load_state_dict(state)
     text_encoder = None
     if (path / "text_encoder").is_dir():
         text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32,
                                                      low_cpu_mem_usage=False)
     training = json.loads((path / "specdist_model.json").read_text())["training"]
     phases = training.get("phases") or [{k: training[k] for k in ("command", "steps", "wall_s", "final_loss_ema")}]
+    if changed:
+        phases = [*phases, {"command": "weights adapted to the current spec", "steps": 0, "wall_s": 0.0,
+                            "final_loss_ema": phases[-1]["final_loss_ema"], "adapted_keys": changed}]
     return model, text_encoder, phases
 
 

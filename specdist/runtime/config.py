@@ -1,0 +1,82 @@
+"""Configuration of the distributed runtime (``runtime:`` section of a job config).
+
+``backend: none`` runs the single-process engine (:mod:`specdist.engine`). Any other backend runs
+the job through a worker pool (:mod:`specdist.runtime.pool`) driven by the coordinator
+(:mod:`specdist.runtime.coordinator`):
+
+* ``local`` — worker threads in this process (tests, one device);
+* ``ray`` — one Ray actor per worker in a placement group, tensors over Ray's tensor transport in a
+  collective group (``torch_gloo`` on CPU, ``nccl`` on GPUs);
+* ``torchrun`` — SPMD under ``torchrun``: rank 0 coordinates, ranks ≥ 1 are workers,
+  torch.distributed point-to-point (``gloo`` on CPU, ``nccl`` on GPUs).
+
+Modes: ``latency`` speeds up each generation with parallel verification (method ``speca``; ``full``
+runs every step on the pool, the one-worker baseline); ``throughput`` runs whole generations on the
+workers, each with the single-device engine's ``method``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import check_value as _check
+
+BACKENDS = ("none", "local", "ray", "torchrun")
+MODES = ("latency", "throughput")
+LATENCY_METHODS = ("full", "speca")
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    """Where and how the job's model calls run."""
+
+    backend: str = "none"
+    """``none`` (single-process engine), ``local``, ``ray`` or ``torchrun`` (see the module doc)."""
+    workers: int = 2
+    """Reference workers (Ray actors, local threads); under torchrun it must equal WORLD_SIZE − 1."""
+    mode: str = "latency"
+    """``latency`` (parallel verification of one generation) or ``throughput`` (generations share
+    the pool)."""
+    lookahead: int = 8
+    """latency: most draft steps verified in parallel after an anchor (the window)."""
+    adaptive_lookahead: bool = True
+    """latency: adapt the window to the last accepted run (from committed history only, so the
+    result does not depend on the number of workers)."""
+    ray_address: str | None = None
+    """ray: ``null`` starts a local cluster (stopped afterwards); ``auto`` or ``host:port`` joins one."""
+    ray_num_cpus: int | None = None
+    """ray, local cluster only: logical CPUs to declare (default: workers + 1)."""
+    gpus_per_worker: float | None = None
+    """ray: GPUs per worker bundle; ``null``: 1 when the job's device is CUDA, else 0."""
+    threads_per_worker: int = 1
+    """torch CPU threads per worker (the same everywhere, so every backend computes the same bits)."""
+    emulate_step_s: float = 0.0
+    """Emulation: each full model call also waits this long (spread over its blocks, cancellable),
+    standing in for a big model's step time (e.g. 31.8 s, HunyuanVideo 720p on one H100). Reports
+    of such runs say ``emulated``."""
+    job_timeout_s: float = 600.0
+    """A job without a result after this long marks its worker as failed (its jobs are resubmitted)."""
+    startup_timeout_s: float = 120.0
+    """Waiting for the cluster, placement group or process group longer than this fails clearly."""
+    max_retries: int = 2
+    """Resubmissions of one job after worker failures before the run fails."""
+
+    def validate(self, prefix: str = "runtime.") -> None:
+        _check(self.backend in BACKENDS, f"{prefix}backend", self.backend, f"one of {list(BACKENDS)}")
+        _check(self.mode in MODES, f"{prefix}mode", self.mode, f"one of {list(MODES)}")
+        _check(self.workers >= 1, f"{prefix}workers", self.workers, "an integer >= 1")
+        _check(self.lookahead >= 1, f"{prefix}lookahead", self.lookahead, "an integer >= 1")
+        _check(self.ray_num_cpus is None or self.ray_num_cpus >= 1, f"{prefix}ray_num_cpus", self.ray_num_cpus,
+               "null or an integer >= 1")
+        _check(self.gpus_per_worker is None or self.gpus_per_worker >= 0, f"{prefix}gpus_per_worker",
+               self.gpus_per_worker, "null or a number >= 0")
+        _check(self.threads_per_worker >= 1, f"{prefix}threads_per_worker", self.threads_per_worker, "an integer >= 1")
+        _check(self.emulate_step_s >= 0, f"{prefix}emulate_step_s", self.emulate_step_s, "a number >= 0")
+        _check(self.job_timeout_s > 0, f"{prefix}job_timeout_s", self.job_timeout_s, "a number > 0")
+        _check(self.startup_timeout_s > 0, f"{prefix}startup_timeout_s", self.startup_timeout_s, "a number > 0")
+        _check(self.max_retries >= 0, f"{prefix}max_retries", self.max_retries, "an integer >= 0")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the job runs through a worker pool."""
+        return self.backend != "none"

@@ -1,0 +1,158 @@
+"""The worker-pool interface (submit a job, cancel it by id, collect results as they finish) and the
+in-process ``local`` backend.
+
+A pool never decides anything: it runs jobs and reports what happened. Every backend gives each
+worker at most one job at a time (the coordinator submits only to idle workers), resubmits the jobs
+of a worker that died to the others (up to ``max_retries`` times per job), and raises
+:class:`WorkerFailure` when no worker is left.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SpecdistError
+from .jobs import CANCELLED, FAILED, Job, JobResult
+from .worker import StepWorker
+
+
+class WorkerFailure(SpecdistError):
+    """Workers died and the run cannot complete (no worker left, or a job failed too often)."""
+
+
+@dataclass
+class PoolStats:
+    """Traffic and events of a pool over one run."""
+
+    jobs: int = 0
+    cancel_requests: int = 0
+    cancelled_mid_forward: int = 0
+    resubmitted: int = 0
+    workers_lost: int = 0
+    bytes_to_workers: int = 0
+    bytes_from_workers: int = 0
+    transport: str = "in-process"
+    extra: dict = field(default_factory=dict)
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor (0 for ``None``)."""
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class WorkerPool(ABC):
+    """A set of reference workers."""
+
+    def __init__(self) -> None:
+        self.stats = PoolStats()
+
+    @property
+    @abstractmethod
+    def workers(self) -> int:
+        """Workers alive."""
+
+    @abstractmethod
+    def idle(self) -> int:
+        """Workers without a job."""
+
+    @abstractmethod
+    def submit(self, job: Job, tensor: torch.Tensor) -> None:
+        """Start ``job`` on an idle worker with its ``tensor`` (model input or initial noise)."""
+
+    @abstractmethod
+    def cancel(self, job_id: int) -> None:
+        """Ask the worker running ``job_id`` to stop (between blocks); its result comes back
+        ``cancelled`` (or ``done`` when it finished first)."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> list[JobResult]:
+        """Results that finished (at least one unless ``timeout`` seconds pass)."""
+
+    def close(self) -> None:
+        """Release the workers."""
+
+
+class LocalPool(WorkerPool):
+    """``workers`` threads in this process sharing one model (the ``local`` backend)."""
+
+    def __init__(self, worker: StepWorker, workers: int, max_retries: int = 2) -> None:
+        super().__init__()
+        self.worker, self.n = worker, workers
+        self.max_retries = max_retries
+        self.inbox: list[queue.Queue] = [queue.Queue() for _ in range(workers)]
+        self.results: queue.Queue = queue.Queue()
+        self.busy: dict[int, int] = {}  # job id -> worker
+        self.flags: dict[int, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, args=(w,), daemon=True, name=f"specdist-worker-{w}")
+                        for w in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def workers(self) -> int:
+        return self.n
+
+    def idle(self) -> int:
+        with self.lock:
+            return self.n - len(self.busy)
+
+    def _loop(self, w: int) -> None:
+        while True:
+            item = self.inbox[w].get()
+            if item is None:
+                return
+            job, tensor = item
+            try:
+                result = self.worker.run(job, tensor, self.flags[job.id], worker=w)
+            except Exception as exc:  # a failing job is reported, never swallowed
+                result = JobResult(job, FAILED, worker=w, error=f"{type(exc).__name__}: {exc}")
+            self.results.put(result)
+
+    def submit(self, job: Job, tensor: torch.Tensor) -> None:
+        with self.lock:
+            free = [w for w in range(self.n) if w not in self.busy.values()]
+            if not free:
+                raise RuntimeError("LocalPool.submit: no idle worker")
+            self.busy[job.id] = free[0]
+            self.flags[job.id] = threading.Event()
+        self.stats.jobs += 1
+        self.stats.bytes_to_workers += tensor_bytes(tensor)
+        self.inbox[free[0]].put((job, tensor))
+
+    def cancel(self, job_id: int) -> None:
+        flag = self.flags.get(job_id)
+        if flag is not None and not flag.is_set():
+            flag.set()
+            self.stats.cancel_requests += 1
+
+    def wait(self, timeout: float) -> list[JobResult]:
+        out = []
+        try:
+            out.append(self.results.get(timeout=timeout))
+            while True:
+                out.append(self.results.get_nowait())
+        except queue.Empty:
+            pass
+        for r in out:
+            with self.lock:
+                self.busy.pop(r.job.id, None)
+                self.flags.pop(r.job.id, None)
+            self.stats.bytes_from_workers += tensor_bytes(r.output)
+            self.stats.cancelled_mid_forward += r.status == CANCELLED
+            if r.status == FAILED:
+                raise WorkerFailure(f"job {r.job.id} ({r.job.kind}, sample {r.job.sample}, step {r.job.step}) "
+                                    f"failed on local worker {r.worker}: {r.error}")
+        return out
+
+    def close(self) -> None:
+        for q in self.inbox:
+            q.put(None)
+        for t in self.threads:
+            t.join(timeout=5)
+        self.worker.close()

@@ -1,0 +1,280 @@
+"""The ``ray`` backend: one Ray actor per reference worker, gang-scheduled in a placement group.
+
+Layout: a coordinator actor and ``workers`` worker actors, one placement-group bundle each
+(``{"CPU": 1}`` here, ``{"CPU": 1, "GPU": g}`` per worker on GPUs). The coordinator actor runs the
+same :class:`~specdist.runtime.coordinator.Coordinator` as the other backends. Tensors never go
+through the object store: the coordinator and the workers form a Ray collective group
+(``torch_gloo``; ``nccl`` when the workers hold GPUs) and every tensor is the return value of a method
+declared ``@ray.method(tensor_transport=...)``, passed by ObjectRef straight to the actor that
+consumes it (Ray Direct Transport: the coordinator "emits" a model input to a worker, the worker's
+output is "absorbed" by the coordinator). Only small control data (job headers, stats) are pickled.
+
+A worker actor is threaded (``max_concurrency=2``) so ``cancel(job_id)`` reaches it while a forward
+runs. A dead worker (its process killed) is noticed when its result fails; its job is resubmitted
+to the others. The driver starts a local cluster (``runtime.ray_address: null``) and stops it
+afterwards, or joins an existing one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+
+from ..errors import SpecdistError
+from .jobs import Job, JobResult, WorkerSpec
+from .pool import PoolStats, WorkerFailure, WorkerPool, tensor_bytes
+
+
+class RayWorker:
+    """A reference worker actor (wraps a :class:`~specdist.runtime.worker.StepWorker`)."""
+
+    def __init__(self, spec: WorkerSpec, index: int) -> None:
+        from .worker import StepWorker
+
+        self.index = index
+        self.worker = StepWorker.from_spec(spec)
+        self.flags: dict[int, threading.Event] = {}
+
+    def ready(self) -> int:
+        """The worker's process id (once the model is loaded)."""
+        return os.getpid()
+
+    def _compute(self, job: Job, tensor: torch.Tensor) -> tuple[str, torch.Tensor, float, dict]:
+        flag = self.flags.setdefault(job.id, threading.Event())
+        try:
+            r = self.worker.run(job, tensor, flag, self.index)
+        finally:
+            self.flags.pop(job.id, None)
+        return r.status, (r.output if r.output is not None else torch.empty(0)), r.compute_s, r.meta
+
+    @ray.method(tensor_transport="gloo")
+    def compute_gloo(self, job: Job, tensor: torch.Tensor):
+        return self._compute(job, tensor)
+
+    @ray.method(tensor_transport="nccl")
+    def compute_nccl(self, job: Job, tensor: torch.Tensor):
+        status, out, compute_s, meta = self._compute(job, tensor)
+        return status, out.cuda(), compute_s, meta
+
+    def cancel(self, job_id: int) -> None:
+        """Stop job ``job_id`` at the next block boundary (or before it starts)."""
+        self.flags.setdefault(job_id, threading.Event()).set()
+
+
+class RayCoordinator:
+    """The coordinator actor: owns the collective group's rank 0 and runs the coordinator."""
+
+    def __init__(self, workers: list[Any], transport: str) -> None:
+        self.workers, self.transport = workers, transport
+        self.box: dict[Any, Any] = {}
+        self.me = None
+
+    def setup(self) -> str:
+        from ray.experimental.collective import create_collective_group
+
+        self.me = ray.get_runtime_context().current_actor
+        create_collective_group([self.me, *self.workers], backend="torch_gloo" if self.transport == "gloo" else "nccl")
+        return self.transport
+
+    @ray.method(tensor_transport="gloo")
+    def emit_gloo(self, key: int) -> torch.Tensor:
+        return self.box.pop(("out", key))
+
+    @ray.method(tensor_transport="nccl")
+    def emit_nccl(self, key: int) -> torch.Tensor:
+        return self.box.pop(("out", key)).cuda()
+
+    def absorb(self, key: int, result: tuple) -> int:
+        status, tensor, compute_s, meta = result
+        self.box[("in", key)] = (status, tensor.cpu() if tensor.numel() else None, compute_s, meta)
+        return key
+
+    def run(self, cfg: Any, plan: Any, progress: bool, max_retries: int) -> tuple[Any, dict]:
+        from .run import coordinate
+
+        torch.set_num_threads(1)
+        pool = RayPool(self, max_retries)
+        result = coordinate(pool, cfg, plan, progress)
+        return result, dataclasses.asdict(pool.stats)
+
+
+class RayPool(WorkerPool):
+    """The pool seen by the coordinator inside :class:`RayCoordinator`."""
+
+    def __init__(self, host: RayCoordinator, max_retries: int) -> None:
+        super().__init__()
+        self.host, self.max_retries = host, max_retries
+        self.alive = list(range(len(host.workers)))
+        self.busy: dict[int, int] = {}  # job id -> worker
+        self.pending: dict[Any, tuple[Job, int]] = {}  # absorb ref -> (job, worker)
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.tries: dict[int, int] = {}
+        self.stats = PoolStats(transport=f"ray tensor transport ({host.transport})")
+
+    @property
+    def workers(self) -> int:
+        return len(self.alive)
+
+    def idle(self) -> int:
+        return len([w for w in self.alive if w not in self.busy.values()])
+
+    def submit(self, job: Job, tensor: torch.Tensor) -> None:
+        free = [w for w in self.alive if w not in self.busy.values()]
+        if not free:
+            raise RuntimeError("RayPool.submit: no idle worker")
+        w, host = free[0], self.host
+        self.inputs[job.id] = tensor
+        host.box[("out", job.id)] = tensor
+        emit = host.me.emit_gloo if host.transport == "gloo" else host.me.emit_nccl
+        worker = host.workers[w]
+        compute = worker.compute_gloo if host.transport == "gloo" else worker.compute_nccl
+        out_ref = compute.remote(job, emit.remote(job.id))
+        self.pending[host.me.absorb.remote(job.id, out_ref)] = (job, w)
+        self.busy[job.id] = w
+        self.stats.jobs += 1
+        self.stats.bytes_to_workers += tensor_bytes(tensor)
+
+    def cancel(self, job_id: int) -> None:
+        w = self.busy.get(job_id)
+        if w is not None:
+            self.host.workers[w].cancel.remote(job_id)
+            self.stats.cancel_requests += 1
+
+    def _lost(self, job: Job, w: int, exc: Exception) -> None:
+        if w in self.alive:
+            self.alive.remove(w)
+            self.stats.workers_lost += 1
+        tries = self.tries.get(job.id, 0) + 1
+        self.tries[job.id] = tries
+        if not self.alive:
+            raise WorkerFailure(f"all Ray workers died (last: worker {w}: {type(exc).__name__}); the run cannot complete")
+        if tries > self.max_retries:
+            raise WorkerFailure(f"job {job.id} failed {tries} times (runtime.max_retries={self.max_retries}): {exc}")
+        self.stats.resubmitted += 1
+        self._requeue.append(job)
+
+    def wait(self, timeout: float) -> list[JobResult]:
+        self._requeue: list[Job] = []
+        out: list[JobResult] = []
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout) if self.pending else ([], [])
+        if ready:
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        for ref in ready:
+            job, w = self.pending.pop(ref)
+            self.busy.pop(job.id, None)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # the worker process died
+                self._lost(job, w, exc)
+                continue
+            except ray.exceptions.RayTaskError as exc:  # the job raised: report it, do not retry
+                raise WorkerFailure(f"job {job.id} (sample {job.sample}, step {job.step}) failed on Ray worker "
+                                    f"{w}: {exc.cause if hasattr(exc, 'cause') else exc}") from None
+            status, tensor, compute_s, meta = self.host.box.pop(("in", job.id))
+            self.inputs.pop(job.id, None)
+            self.stats.bytes_from_workers += tensor_bytes(tensor)
+            self.stats.cancelled_mid_forward += status == "cancelled"
+            out.append(JobResult(job, status, tensor, w, compute_s, meta))
+        for job in self._requeue:  # resubmit to a live idle worker (the dead one freed its slot)
+            tensor = self.inputs[job.id]
+            self.submit(job, tensor)
+        return out
+
+
+def _check_address(address: str, timeout: float) -> None:
+    """Fail fast when a ``host:port`` Ray address does not answer."""
+    bare = address.removeprefix("ray://")
+    if address == "auto" or ":" not in bare:
+        return
+    host, _, port = bare.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(timeout, 10.0)):
+            return
+    except (OSError, ValueError) as exc:
+        raise SpecdistError(f"runtime.ray_address {address!r} does not answer ({exc})") from None
+
+
+def _placement_group(rt: Any, gpus: float):
+    from ray.util.placement_group import placement_group
+
+    need_gpus = gpus * rt.workers
+    have = ray.cluster_resources()
+    if need_gpus > have.get("GPU", 0):
+        raise SpecdistError(f"runtime.workers={rt.workers} with {gpus:g} GPU each needs {need_gpus:g} GPUs; "
+                            f"the Ray cluster has {have.get('GPU', 0):g}")
+    if rt.workers + 1 > have.get("CPU", 0):
+        raise SpecdistError(f"runtime.workers={rt.workers} needs {rt.workers + 1} CPUs (workers + coordinator); "
+                            f"the Ray cluster has {have.get('CPU', 0):g} (raise runtime.ray_num_cpus)")
+    worker_bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {})}
+    pg = placement_group([{"CPU": 1}] + [worker_bundle] * rt.workers, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=rt.startup_timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise SpecdistError(f"placement group of {rt.workers} workers could not be scheduled within "
+                            f"{rt.startup_timeout_s:g} s (cluster resources: {have})")
+    return pg
+
+
+def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
+               log: Callable[[str], None] = print, on_workers: Callable[[list[int]], None] | None = None):
+    """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    rt = cfg.runtime
+    started = False
+    if not ray.is_initialized():
+        if rt.ray_address:
+            _check_address(rt.ray_address, rt.startup_timeout_s)
+            try:
+                ray.init(address=rt.ray_address, log_to_driver=False)
+            except ConnectionError as exc:
+                raise SpecdistError(f"runtime.ray_address {rt.ray_address!r}: no Ray cluster answers ({exc})") from None
+        else:
+            ray.init(num_cpus=rt.ray_num_cpus or rt.workers + 1, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        started = True
+    gpus = rt.gpus_per_worker if rt.gpus_per_worker is not None else (1.0 if spec.device == "cuda" else 0.0)
+    transport = "nccl" if gpus > 0 else "gloo"
+    pg, actors = None, []
+    try:
+        pg = _placement_group(rt, gpus)
+        strat = lambda i: PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        worker_cls = ray.remote(max_concurrency=2)(RayWorker)
+        workers = [worker_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strat(i + 1)).remote(spec, i)
+                   for i in range(rt.workers)]
+        actors.extend(workers)
+        t0 = time.perf_counter()
+        pids = ray.get([w.ready.remote() for w in workers], timeout=rt.startup_timeout_s)
+        coord = ray.remote(max_concurrency=8)(RayCoordinator).options(
+            num_cpus=1, scheduling_strategy=strat(0)).remote(workers, transport)
+        actors.append(coord)
+        ray.get(coord.setup.remote(), timeout=rt.startup_timeout_s)
+        log(f"specdist: ray backend: {rt.workers} worker actors ready in {time.perf_counter() - t0:.1f}s "
+            f"(transport {transport})")
+        if on_workers is not None:
+            on_workers(pids)
+        result, pool_stats = ray.get(coord.run.remote(cfg, plan, progress, rt.max_retries))
+        result.stats.extra.update(pool=pool_stats, worker_pids=pids)
+        return result
+    except ray.exceptions.GetTimeoutError:
+        raise SpecdistError(f"Ray workers did not start within runtime.startup_timeout_s={rt.startup_timeout_s:g} s") from None
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
+        if isinstance(getattr(exc, "cause", None), SpecdistError):
+            raise exc.cause from None
+        raise SpecdistError(f"the Ray coordinator failed: {cause}") from None
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
+        if started:
+            ray.shutdown()
