@@ -55,9 +55,12 @@ class RuntimeConfig:
     standing in for a big model's step time (e.g. 31.8 s, HunyuanVideo 720p on one H100). Reports
     of such runs say ``emulated``."""
     job_timeout_s: float = 600.0
-    """A job without a result after this long marks its worker as failed (its jobs are resubmitted)."""
+    """No result from a busy worker for this long fails the run with an error naming the worker
+    (a hung worker is not silently waited on). A *dead* Ray worker is noticed at once and its job
+    resubmitted to the others."""
     startup_timeout_s: float = 120.0
-    """Waiting for the cluster, placement group or process group longer than this fails clearly."""
+    """ray: waiting for the cluster, placement group or worker actors longer than this fails clearly
+    (under torchrun, rendezvous timeouts are torchrun's own)."""
     max_retries: int = 2
     """Resubmissions of one job after worker failures before the run fails."""
 

@@ -2,9 +2,11 @@
 in-process ``local`` backend.
 
 A pool never decides anything: it runs jobs and reports what happened. Every backend gives each
-worker at most one job at a time (the coordinator submits only to idle workers), resubmits the jobs
-of a worker that died to the others (up to ``max_retries`` times per job), and raises
-:class:`WorkerFailure` when no worker is left.
+worker at most one job at a time (the coordinator submits only to idle workers) and raises
+:class:`WorkerFailure` with the worker and the job named when a job fails. The ``ray`` pool also
+survives worker deaths: a dead actor's job is resubmitted to the others (up to ``max_retries``
+times per job) and the run fails clearly only when no worker is left. (Local threads cannot die
+on their own; under torchrun a dead rank makes torchrun stop the whole group.)
 """
 
 from __future__ import annotations
@@ -78,19 +80,20 @@ class WorkerPool(ABC):
 
 
 class LocalPool(WorkerPool):
-    """``workers`` threads in this process sharing one model (the ``local`` backend)."""
+    """One thread per entry of ``workers`` in this process (the ``local`` backend). Entries may be
+    the same :class:`StepWorker` (step jobs share one model safely); generation jobs need one
+    model copy per thread (the engine hooks its model)."""
 
-    def __init__(self, worker: StepWorker, workers: int, max_retries: int = 2) -> None:
+    def __init__(self, workers: list[StepWorker]) -> None:
         super().__init__()
-        self.worker, self.n = worker, workers
-        self.max_retries = max_retries
-        self.inbox: list[queue.Queue] = [queue.Queue() for _ in range(workers)]
+        self.per_thread, self.n = workers, len(workers)
+        self.inbox: list[queue.Queue] = [queue.Queue() for _ in range(self.n)]
         self.results: queue.Queue = queue.Queue()
         self.busy: dict[int, int] = {}  # job id -> worker
         self.flags: dict[int, threading.Event] = {}
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._loop, args=(w,), daemon=True, name=f"specdist-worker-{w}")
-                        for w in range(workers)]
+                        for w in range(self.n)]
         for t in self.threads:
             t.start()
 
@@ -109,7 +112,7 @@ class LocalPool(WorkerPool):
                 return
             job, tensor = item
             try:
-                result = self.worker.run(job, tensor, self.flags[job.id], worker=w)
+                result = self.per_thread[w].run(job, tensor, self.flags[job.id], worker=w)
             except Exception as exc:  # a failing job is reported, never swallowed
                 result = JobResult(job, FAILED, worker=w, error=f"{type(exc).__name__}: {exc}")
             self.results.put(result)
@@ -155,4 +158,5 @@ class LocalPool(WorkerPool):
             q.put(None)
         for t in self.threads:
             t.join(timeout=5)
-        self.worker.close()
+        for worker in {id(w): w for w in self.per_thread}.values():
+            worker.close()

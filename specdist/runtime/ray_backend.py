@@ -117,17 +117,21 @@ class RayPool(WorkerPool):
         self.pending: dict[Any, tuple[Job, int]] = {}  # absorb ref -> (job, worker)
         self.inputs: dict[int, torch.Tensor] = {}
         self.tries: dict[int, int] = {}
+        self.requeue: list[Job] = []  # jobs of dead workers, resubmitted as workers free up
         self.stats = PoolStats(transport=f"ray tensor transport ({host.transport})")
 
     @property
     def workers(self) -> int:
         return len(self.alive)
 
+    def _free(self) -> list[int]:
+        return [w for w in self.alive if w not in self.busy.values()]
+
     def idle(self) -> int:
-        return len([w for w in self.alive if w not in self.busy.values()])
+        return max(0, len(self._free()) - len(self.requeue))
 
     def submit(self, job: Job, tensor: torch.Tensor) -> None:
-        free = [w for w in self.alive if w not in self.busy.values()]
+        free = self._free()
         if not free:
             raise RuntimeError("RayPool.submit: no idle worker")
         w, host = free[0], self.host
@@ -159,10 +163,15 @@ class RayPool(WorkerPool):
         if tries > self.max_retries:
             raise WorkerFailure(f"job {job.id} failed {tries} times (runtime.max_retries={self.max_retries}): {exc}")
         self.stats.resubmitted += 1
-        self._requeue.append(job)
+        self.requeue.append(job)
+
+    def _flush(self) -> None:
+        while self.requeue and self._free():
+            job = self.requeue.pop(0)
+            self.submit(job, self.inputs[job.id])
 
     def wait(self, timeout: float) -> list[JobResult]:
-        self._requeue: list[Job] = []
+        self._flush()
         out: list[JobResult] = []
         ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout) if self.pending else ([], [])
         if ready:
@@ -183,9 +192,7 @@ class RayPool(WorkerPool):
             self.stats.bytes_from_workers += tensor_bytes(tensor)
             self.stats.cancelled_mid_forward += status == "cancelled"
             out.append(JobResult(job, status, tensor, w, compute_s, meta))
-        for job in self._requeue:  # resubmit to a live idle worker (the dead one freed its slot)
-            tensor = self.inputs[job.id]
-            self.submit(job, tensor)
+        self._flush()
         return out
 
 
@@ -241,7 +248,9 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
             ray.init(num_cpus=rt.ray_num_cpus or rt.workers + 1, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         started = True
-    gpus = rt.gpus_per_worker if rt.gpus_per_worker is not None else (1.0 if spec.device == "cuda" else 0.0)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    auto_gpus = 1.0 if spec.device == "cuda" or (spec.device == "auto" and cluster_gpus > 0) else 0.0
+    gpus = rt.gpus_per_worker if rt.gpus_per_worker is not None else auto_gpus
     transport = "nccl" if gpus > 0 else "gloo"
     pg, actors = None, []
     try:

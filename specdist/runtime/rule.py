@@ -195,3 +195,12 @@ class Trajectory:
             if j < size:
                 x = sched.step(f, self.timesteps[step], x, return_dict=False)[0]
         self.stats.windows.append(size)
+
+
+def run_sequential(traj: Trajectory, compute) -> torch.Tensor:
+    """The rule run in one process, one reference output at a time, in order (the single-process
+    engine every backend must match). ``compute(step, x_in) -> output``; returns the final latents."""
+    while not traj.done:
+        step, x_in = traj.wanted()[0]
+        traj.deliver(traj.window_id, step, compute(step, x_in))
+    return traj.final

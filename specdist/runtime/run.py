@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -73,8 +74,13 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     dtype = next(p.dtype for p in bundle.transformer.parameters() if p.is_floating_point())
     plan = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype) if rt.mode == "latency" else noise
     if rt.backend == "local":
-        worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
-        pool = LocalPool(worker, rt.workers, rt.max_retries)
+        cond = encode_all(bundle, spec)
+        if rt.mode == "latency":  # step jobs share the model
+            workers = [StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, cond, spec)] * rt.workers
+        else:  # a generation hooks its model: one copy per thread
+            workers = [StepWorker(copy.deepcopy(bundle.transformer), bundle.adapter, bundle.scheduler, cond, spec)
+                       for _ in range(rt.workers)]
+        pool = LocalPool(workers)
         if on_workers is not None:
             import os
 

@@ -4,8 +4,9 @@ Messages are torch.distributed point-to-point sends on the default group (``gloo
 on GPUs): a fixed header (``int64[8]``: op, job id, sample, step, window, timestep dtype code,
 status, meta length), the timestep (``float64[1]``), then the payload tensor. Cancellations go on a
 second gloo group that each worker reads from a listener thread, so a cancel reaches a worker
-in the middle of a forward pass. Results are collected with ``irecv`` polling, so the coordinator
-never blocks on one worker.
+in the middle of a forward pass. Rank 0 receives results with one thread per worker rank (blocking
+receives, posted only while that rank has a job), so it never blocks on one worker. With NCCL each
+rank uses GPU ``LOCAL_RANK`` and messages are staged on it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -48,29 +50,55 @@ def init(rt: Any, device: str) -> tuple[int, int, Any]:
     if world != rt.workers + 1:
         raise SpecdistError(f"runtime.workers={rt.workers} needs WORLD_SIZE={rt.workers + 1} "
                             f"(rank 0 coordinates), but torchrun started {world} processes")
-    backend = "nccl" if device == "cuda" else "gloo"
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=rt.startup_timeout_s))
+        # idle ranks block in receives for as long as a run lasts; rank 0 bounds waits for results
+        # itself (runtime.job_timeout_s), and torchrun tears the group down when a rank dies
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(rt.startup_timeout_s, 86400)))
     ctrl = dist.new_group(backend="gloo")
     return rank, world, ctrl
 
 
+def _wire() -> torch.device:
+    """Where point-to-point tensors must live: the rank's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _send(t: torch.Tensor, dst: int) -> None:
+    dist.send(t.contiguous().to(_wire()), dst=dst)
+
+
+def _recv(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=_wire())
+    dist.recv(t, src=src)
+    return t.cpu()
+
+
 def _send_header(values: list[int], ts: float, dst: int) -> None:
-    dist.send(torch.tensor(values + [0] * (_HEADER - len(values)), dtype=torch.int64), dst=dst)
-    dist.send(torch.tensor([ts], dtype=torch.float64), dst=dst)
+    _send(torch.tensor(values + [0] * (_HEADER - len(values)), dtype=torch.int64), dst)
+    _send(torch.tensor([ts], dtype=torch.float64), dst)
 
 
 class TorchrunPool(WorkerPool):
-    """Rank 0's view of the worker ranks."""
+    """Rank 0's view of the worker ranks.
 
-    def __init__(self, world: int, ctrl: Any, in_shape: tuple[int, ...], in_dtype: torch.dtype,
-                 out_shape: tuple[int, ...], job_timeout_s: float) -> None:
+    One receiver thread per worker rank posts a blocking receive only while that rank has a job
+    (gloo's ``irecv`` cannot be polled for completion), and queues the result.
+    """
+
+    def __init__(self, world: int, ctrl: Any, out_shape: tuple[int, ...], job_timeout_s: float) -> None:
         super().__init__()
         self.ranks = list(range(1, world))
-        self.ctrl, self.in_shape, self.in_dtype, self.out_shape = ctrl, in_shape, in_dtype, out_shape
-        self.job_timeout_s = job_timeout_s
-        self.busy: dict[int, Job] = {}  # rank -> job
-        self.recv: dict[int, tuple[Any, torch.Tensor, float]] = {}  # rank -> (work, header, since)
+        self.ctrl, self.out_shape, self.job_timeout_s = ctrl, out_shape, job_timeout_s
+        self.busy: dict[int, tuple[Job, float]] = {}  # rank -> (job, since)
+        self.results: queue.Queue = queue.Queue()
+        self.expect: dict[int, queue.Queue] = {r: queue.Queue() for r in self.ranks}
+        self.threads = [threading.Thread(target=self._receiver, args=(r,), daemon=True) for r in self.ranks]
+        for t in self.threads:
+            t.start()
         self.stats = PoolStats(transport=f"torch.distributed p2p ({dist.get_backend()})")
 
     @property
@@ -83,68 +111,71 @@ class TorchrunPool(WorkerPool):
     def submit(self, job: Job, tensor: torch.Tensor) -> None:
         rank = next(r for r in self.ranks if r not in self.busy)
         op = OP_GEN if job.kind == GENERATION else OP_STEP
+        self.busy[rank] = (job, time.perf_counter())
+        self.expect[rank].put(job)
         _send_header([op, job.id, job.sample, job.step, job.window, _TS_DTYPES.index(job.timestep_dtype)],
                      job.timestep, rank)
-        dist.send(tensor.contiguous(), dst=rank)
-        header = torch.zeros(_HEADER, dtype=torch.int64)
-        self.recv[rank] = (dist.irecv(header, src=rank), header, time.perf_counter())
-        self.busy[rank] = job
+        _send(tensor, rank)
         self.stats.jobs += 1
         self.stats.bytes_to_workers += tensor_bytes(tensor)
 
     def cancel(self, job_id: int) -> None:
-        for rank, job in self.busy.items():
+        for rank, (job, _) in list(self.busy.items()):
             if job.id == job_id:
                 dist.send(torch.tensor([job_id, 1], dtype=torch.int64), dst=rank, group=self.ctrl)
                 self.stats.cancel_requests += 1
 
-    def wait(self, timeout: float) -> list[JobResult]:
-        deadline = time.perf_counter() + timeout
+    def _receiver(self, rank: int) -> None:
         while True:
-            out = []
-            for rank in list(self.recv):
-                work, header, since = self.recv[rank]
-                try:
-                    finished = work.is_completed()
-                    if finished:
-                        work.wait()
-                except RuntimeError as exc:
-                    raise WorkerFailure(f"torchrun worker rank {rank} failed or died: {exc}") from None
-                if not finished:
-                    if time.perf_counter() - since > self.job_timeout_s:
-                        raise WorkerFailure(f"torchrun worker rank {rank} gave no result for "
-                                            f"{self.job_timeout_s:g} s (runtime.job_timeout_s)")
-                    continue
-                del self.recv[rank]
-                job = self.busy.pop(rank)
-                out.append(self._receive(rank, job, header))
-            if out or time.perf_counter() >= deadline:
-                return out
-            time.sleep(0.0005)
+            job = self.expect[rank].get()
+            if job is None:
+                return
+            try:
+                self.results.put(self._receive(rank, job))
+            except Exception as exc:  # a dead peer: reported by wait()
+                self.results.put(JobResult(job, "failed", None, rank, 0.0, {}, f"{type(exc).__name__}: {exc}"))
+                return
 
-    def _receive(self, rank: int, job: Job, header: torch.Tensor) -> JobResult:
-        h = header.tolist()
+    def wait(self, timeout: float) -> list[JobResult]:
+        out = []
+        try:
+            out.append(self.results.get(timeout=timeout))
+            while True:
+                out.append(self.results.get_nowait())
+        except queue.Empty:
+            pass
+        for r in out:
+            self.busy.pop(r.worker, None)
+            if r.status == "failed":
+                raise WorkerFailure(f"job {r.job.id} failed on torchrun worker rank {r.worker}: "
+                                    f"{r.error or r.meta.get('error')}")
+        now = time.perf_counter()
+        for rank, (job, since) in self.busy.items():
+            if now - since > self.job_timeout_s:
+                raise WorkerFailure(f"torchrun worker rank {rank} gave no result for job {job.id} in "
+                                    f"{self.job_timeout_s:g} s (runtime.job_timeout_s)")
+        return out
+
+    def _receive(self, rank: int, job: Job) -> JobResult:
+        h = _recv((_HEADER,), torch.int64, rank).tolist()
         status = _STATUS[h[6]]
-        compute = torch.zeros(1, dtype=torch.float64)
-        dist.recv(compute, src=rank)
+        compute = _recv((1,), torch.float64, rank)
         output, meta = None, {}
         if status == DONE:
-            output = torch.empty(self.out_shape, dtype=torch.float32)
-            dist.recv(output, src=rank)
+            output = _recv(self.out_shape, torch.float32, rank)
             self.stats.bytes_from_workers += tensor_bytes(output)
         if h[7]:
-            raw = torch.empty(h[7], dtype=torch.uint8)
-            dist.recv(raw, src=rank)
-            meta = json.loads(bytes(raw.tolist()).decode())
-        if status == "failed":
-            raise WorkerFailure(f"job {job.id} failed on torchrun worker rank {rank}: {meta.get('error')}")
+            meta = json.loads(bytes(_recv((h[7],), torch.uint8, rank).tolist()).decode())
         self.stats.cancelled_mid_forward += status == CANCELLED
         return JobResult(job, status, output, rank, float(compute[0]), meta)
 
     def close(self) -> None:
         for rank in self.ranks:
+            self.expect[rank].put(None)
             _send_header([OP_STOP], 0.0, rank)
             dist.send(torch.tensor([-1, -1], dtype=torch.int64), dst=rank, group=self.ctrl)
+        for t in self.threads:
+            t.join(timeout=10)
 
 
 def serve(worker: Any, ctrl: Any, in_shape: tuple[int, ...], in_dtype: torch.dtype, noise_shape: tuple[int, ...]) -> int:
@@ -166,18 +197,14 @@ def serve(worker: Any, ctrl: Any, in_shape: tuple[int, ...], in_dtype: torch.dty
     listener.start()
     rank, runs = dist.get_rank(), 0
     while True:
-        header = torch.zeros(_HEADER, dtype=torch.int64)
-        ts = torch.zeros(1, dtype=torch.float64)
-        dist.recv(header, src=0)
-        dist.recv(ts, src=0)
-        h = header.tolist()
+        h = _recv((_HEADER,), torch.int64, 0).tolist()
+        ts = _recv((1,), torch.float64, 0)
         if h[0] == OP_STOP:
             listener.join(timeout=10)
             return runs
         kind = GENERATION if h[0] == OP_GEN else STEP
-        tensor = torch.empty(noise_shape if kind == GENERATION else in_shape,
-                             dtype=torch.float32 if kind == GENERATION else in_dtype)
-        dist.recv(tensor, src=0)
+        tensor = _recv(noise_shape if kind == GENERATION else in_shape,
+                       torch.float32 if kind == GENERATION else in_dtype, 0)
         job = Job(h[1], kind, h[2], h[3], float(ts[0]), _TS_DTYPES[h[5]], h[4])
         with lock:
             flag = flags.setdefault(job.id, threading.Event())
@@ -188,13 +215,12 @@ def serve(worker: Any, ctrl: Any, in_shape: tuple[int, ...], in_dtype: torch.dty
         with lock:
             flags.pop(job.id, None)
         meta = json.dumps(r.meta).encode() if r.meta else b""
-        dist.send(torch.tensor([OP_RESULT, job.id, 0, 0, 0, 0, _STATUS.index(r.status), len(meta)],
-                               dtype=torch.int64), dst=0)
-        dist.send(torch.tensor([r.compute_s], dtype=torch.float64), dst=0)
+        _send(torch.tensor([OP_RESULT, job.id, 0, 0, 0, 0, _STATUS.index(r.status), len(meta)], dtype=torch.int64), 0)
+        _send(torch.tensor([r.compute_s], dtype=torch.float64), 0)
         if r.status == DONE:
-            dist.send(r.output.float().contiguous(), dst=0)
+            _send(r.output.float(), 0)
         if meta:
-            dist.send(torch.tensor(list(meta), dtype=torch.uint8), dst=0)
+            _send(torch.tensor(list(meta), dtype=torch.uint8), 0)
         runs += 1
 
 
@@ -218,8 +244,8 @@ def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = T
     in_shape, in_dtype, out_shape, _ = _shapes(cfg, spec, plan)
     # the job's shapes go to the workers once (a worker rank cannot build the plan cheaply)
     dims = torch.tensor([len(in_shape), *in_shape] + [0] * (8 - len(in_shape)), dtype=torch.int64)
-    dist.broadcast(dims, src=0)
-    pool = TorchrunPool(world, ctrl, in_shape, in_dtype, out_shape, cfg.runtime.job_timeout_s)
+    dist.broadcast(dims.to(_wire()), src=0)
+    pool = TorchrunPool(world, ctrl, out_shape, cfg.runtime.job_timeout_s)
     log(f"specdist: torchrun backend: {world - 1} worker ranks ({dist.get_backend()})")
     try:
         result = coordinate(pool, cfg, plan, progress)
@@ -236,8 +262,9 @@ def run_worker_rank(cfg: Any, spec: WorkerSpec) -> int:
 
     rank, world, ctrl = init(cfg.runtime, spec.device)
     worker = StepWorker.from_spec(spec)
-    dims = torch.zeros(9, dtype=torch.int64)
+    dims = torch.zeros(9, dtype=torch.int64, device=_wire())
     dist.broadcast(dims, src=0)
+    dims = dims.cpu()
     n = int(dims[0])
     shape = tuple(int(d) for d in dims[1:1 + n])
     dtype = next(p.dtype for p in worker.model.parameters() if p.is_floating_point())

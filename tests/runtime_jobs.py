@@ -1,0 +1,47 @@
+"""Small runtime jobs shared by the runtime tests (a speca latency job on the DiT zoo model)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from specdist.config import load_config
+from specdist.generate import job_inputs
+from specdist.loading import load_model
+from specdist.runtime.jobs import Job, dtype_name
+from specdist.runtime.rule import run_sequential
+from specdist.runtime.run import build_trajectories, worker_spec
+from specdist.runtime.worker import StepWorker, encode_all
+from specdist.sampling import initial_noise
+
+STEPS = 10
+BASE = ["model=dit-shapes", f"steps={STEPS}", "num_samples=2", "method=speca", "cache.tau0=0.12", "cache.beta=1.0",
+        "cache.warmup=2", "runtime.lookahead=4"]
+
+
+def job(*overrides: str):
+    """A small speca latency job on the DiT zoo model (thresholds that accept and reject)."""
+    cfg = load_config(None, [*BASE, "runtime.backend=local", *overrides])
+    bundle = load_model(cfg.model)
+    prompts, labels = job_inputs(cfg, bundle)
+    guidance = cfg.guidance_scale or bundle.default_guidance
+    noise = initial_noise(bundle.latent_shape(None, None, None), [cfg.seed, cfg.seed + 1])
+    return cfg, bundle, prompts, labels, guidance, noise
+
+
+def sequential(cfg, bundle, prompts, labels, guidance, noise) -> torch.Tensor:
+    """The single-process engine: the rule, one reference output at a time."""
+    spec = worker_spec(cfg, prompts, labels, guidance)
+    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)
+    try:
+        outs = []
+        for i, t in enumerate(trajs):
+            def compute(step, x_in, i=i, t=t):
+                ts = t.timestep(step)
+                return worker.run(Job(0, "step", i, step, float(ts), dtype_name(ts.dtype)), x_in, threading.Event()).output
+            outs.append(run_sequential(t, compute))
+        return torch.cat(outs)
+    finally:
+        worker.close()

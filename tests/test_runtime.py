@@ -1,0 +1,148 @@
+"""The distributed runtime in one process: the rule, the coordinator over the local pool,
+cancellation, determinism across worker counts, and bad runtime configs."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from specdist.config import load_config
+from specdist.errors import ConfigError, SpecdistError
+from specdist.report import output_sha256
+from specdist.runtime.coordinator import Coordinator
+from specdist.runtime.jobs import Job, dtype_name
+from specdist.runtime.pool import LocalPool
+from specdist.runtime.run import build_trajectories, run_distributed, worker_spec
+from specdist.runtime.worker import StepWorker, encode_all
+from specdist.sampling import sample_full
+
+from runtime_jobs import STEPS, job, sequential
+
+@pytest.fixture(scope="module")
+def reference():
+    args = job()
+    return output_sha256(sequential(*args)), args
+
+
+def test_full_through_the_rule_equals_sample_full():
+    """method=full on the runtime computes every step at the committed state: the trajectory of
+    the plain full-compute loop (per sample, batch of one)."""
+    cfg, bundle, prompts, labels, guidance, noise = job("method=full")
+    got = sequential(cfg, bundle, prompts, labels, guidance, noise)
+    cond = encode_all(bundle, worker_spec(cfg, prompts, labels, guidance))
+    for i in range(2):
+        want = sample_full(bundle.transformer, bundle.adapter, bundle.scheduler,
+                           cond.select(torch.tensor([i])), noise[i:i + 1], STEPS, progress=False).latents
+        assert torch.equal(got[i:i + 1], want)
+
+
+def test_tau_zero_rejects_everything_and_equals_full():
+    """τ = 0: every forecast is rejected, so speca commits exactly the full trajectory."""
+    args = job("cache.tau0=0.0")
+    full = sequential(*job("method=full"))
+    assert torch.equal(sequential(*args), full)
+
+
+def test_rule_is_independent_of_result_order(reference):
+    """Results delivered in any order (as many workers would) commit the same trajectory."""
+    sha, (cfg, bundle, prompts, labels, guidance, noise) = reference
+    spec = worker_spec(cfg, prompts, labels, guidance)
+    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+    rng = random.Random(0)
+    outs = []
+    try:
+        for i, t in enumerate(build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)):
+            while not t.done:
+                window, wanted = t.window_id, t.wanted()
+                rng.shuffle(wanted)
+                for step, x_in in wanted:
+                    ts = t.timestep(step)
+                    r = worker.run(Job(0, "step", i, step, float(ts), dtype_name(ts.dtype)), x_in,
+                                   threading.Event())
+                    t.deliver(window, step, r.output)
+                    if t.window_id != window:
+                        break
+            outs.append(t.final)
+    finally:
+        worker.close()
+    assert output_sha256(torch.cat(outs)) == sha
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_local_pool_matches_single_process(reference, workers):
+    sha, (cfg, bundle, prompts, labels, guidance, noise) = reference
+    cfg.runtime.workers = workers
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False)
+    assert output_sha256(run.latents) == sha
+    assert all(len(d) == STEPS for d in run.decisions)
+    assert any("A" in d for d in run.decisions) and any("R" in d for d in run.decisions)
+    if workers == 1:
+        assert run.stats.jobs_cancelled == 0 and run.stats.jobs_stale == 0
+
+
+def test_stale_jobs_are_cancelled_mid_forward(reference):
+    """With emulated block latency, jobs of a closed window stop between blocks (counted)."""
+    sha, (cfg, bundle, prompts, labels, guidance, noise) = reference
+    cfg.runtime.workers, cfg.runtime.emulate_step_s = 3, 0.1
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False)
+    assert output_sha256(run.latents) == sha  # emulation changes timing, never the result
+    assert run.stats.cancel_requests > 0
+    assert run.stats.extra["pool"]["cancelled_mid_forward"] > 0
+    assert run.stats.wasted_compute_s > 0
+
+
+def test_throughput_mode_matches_the_engine():
+    """Throughput mode runs each sample's generation with the single-device engine on a worker."""
+    cfg, bundle, prompts, labels, guidance, noise = job("runtime.mode=throughput", "runtime.workers=2")
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False)
+    from specdist.methods import run_method
+
+    cond = encode_all(bundle, worker_spec(cfg, prompts, labels, guidance))
+    for i in range(2):
+        want = run_method("speca", bundle.transformer, bundle.adapter, bundle.scheduler, cond.select(torch.tensor([i])),
+                          noise[i:i + 1], STEPS, cache=cfg.cache, progress=False)
+        assert torch.equal(run.latents[i:i + 1], want.latents)
+        assert run.decisions[i] == "".join(want.stats.decisions[0])
+
+
+def test_failing_job_is_reported_not_hung():
+    cfg, bundle, prompts, labels, guidance, noise = job()
+    spec = worker_spec(cfg, prompts, labels[:1], guidance)  # the worker knows sample 0 only
+    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+    pool = LocalPool([worker, worker])
+    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)
+    with pytest.raises(SpecdistError, match="failed on local worker"):
+        try:
+            Coordinator(pool, progress=False).run_latency(trajs)
+        finally:
+            pool.close()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runtime.backend=mpi", "runtime.backend"),
+    ("runtime.workers=0", "runtime.workers"),
+    ("runtime.mode=fast", "runtime.mode"),
+    ("method=fora", "runtime.mode=latency"),
+    ("runtime.emulate_step_s=-1", "runtime.emulate_step_s"),
+])
+def test_bad_runtime_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, ["runtime.backend=local", "method=speca", override])
+
+
+def test_torchrun_backend_outside_torchrun_fails_clearly(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    cfg, bundle, prompts, labels, guidance, noise = job("runtime.backend=torchrun")
+    with pytest.raises(SpecdistError, match="needs torchrun"):
+        run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False)
+
+
+def test_torchrun_world_size_mismatch_fails_clearly(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg, bundle, prompts, labels, guidance, noise = job("runtime.backend=torchrun", "runtime.workers=3")
+    with pytest.raises(SpecdistError, match="WORLD_SIZE=4"):
+        run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False)
