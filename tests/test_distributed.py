@@ -95,3 +95,17 @@ def test_torchrun_three_processes_match_single_process(tmp_path, reference):
     assert report["output_sha256"] == reference
     assert report["runtime"]["transport"] == "torch.distributed p2p (gloo)"
     assert report["runtime"]["jobs"]["jobs_done"] >= 2 * 10 // 4
+
+
+def test_default_job_runs_on_two_ray_workers(cluster, tmp_path):
+    """The README's main job (configs/default.yaml) as a user runs it, shortened."""
+    from specdist.cli import main
+
+    out = tmp_path / "default"
+    assert main(["generate", "--config", "configs/default.yaml", "--quiet", "--set", "steps=6",
+                 "--set", "num_samples=2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["runtime"]["backend"] == "ray" and report["runtime"]["workers"] == 2
+    assert report["runtime"]["transport"] == "ray tensor transport (gloo)"
+    assert (out / "video.mp4").stat().st_size > 0
+    assert report["reference"]["pixels"]["psnr_db"]["worst"] > 30

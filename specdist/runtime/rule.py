@@ -35,6 +35,21 @@ from ..engine.verify import forecast_error, threshold
 from ..sampling import scale_input
 
 
+def snapshot(scheduler: Any) -> Any:
+    """A copy of ``scheduler`` that a later ``step`` on either side does not affect.
+
+    diffusers schedulers advance by rebinding attributes (``_step_index``, ``sample``, …) and by
+    assigning into lists (multistep ``model_outputs``); their tensors (timesteps, sigmas, alphas)
+    are never written in place. So a shallow copy with fresh containers is a full snapshot, at a
+    fraction of ``deepcopy``'s cost (which copies every schedule tensor).
+    """
+    new = copy.copy(scheduler)
+    for key, value in vars(scheduler).items():
+        if isinstance(value, (list, dict)):
+            setattr(new, key, copy.copy(value))
+    return new
+
+
 @dataclass
 class Draft:
     """One drafted step of the open window."""
@@ -179,7 +194,7 @@ class Trajectory:
         self.window_id += 1
         self._checked = set()
         self.drafts = []
-        sched = copy.deepcopy(self.sched)
+        sched = snapshot(self.sched)
         x = sched.step(self.f_c, self.timesteps[self.c], self.x, return_dict=False)[0]
         if self.c == self.steps - 1:
             self.final = x
@@ -189,7 +204,7 @@ class Trajectory:
         size = max(1, min(size, nxt - self.c))
         for j in range(1, size + 1):
             step = self.c + j
-            before = copy.deepcopy(sched)
+            before = snapshot(sched)
             f = self.history.forecast(torch.zeros(1, dtype=torch.long), self._time(step))[0]
             self.drafts.append(Draft(step, x, self._input(before, x, step), f, before))
             if j < size:
