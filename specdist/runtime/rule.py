@@ -57,7 +57,7 @@ class Draft:
     step: int
     x: torch.Tensor  # state x̂_step (float32, [1, ...])
     x_in: torch.Tensor  # model input at that state (scaled, model dtype)
-    forecast: torch.Tensor  # f̂_step
+    forecast: torch.Tensor | None  # f̂_step (None when not speculating)
     scheduler: Any  # scheduler state before step ``step``
 
 
@@ -163,7 +163,7 @@ class Trajectory:
             if j in self._checked:
                 continue
             true = self.results[d.step]
-            err = float(forecast_error(d.forecast, true, self.cfg.metric)[0])
+            err = float(forecast_error(d.forecast, true, self.cfg.metric)[0]) if self.speculate else float("nan")
             passed = self.speculate and err <= self._tau(d.step)  # NaN/Inf: err is inf, never passes
             self._checked.add(j)
             self.history.update(torch.zeros(1, dtype=torch.long), (true,), self._time(d.step))
@@ -205,7 +205,7 @@ class Trajectory:
         for j in range(1, size + 1):
             step = self.c + j
             before = snapshot(sched)
-            f = self.history.forecast(torch.zeros(1, dtype=torch.long), self._time(step))[0]
+            f = self.history.forecast(torch.zeros(1, dtype=torch.long), self._time(step))[0] if self.speculate else None
             self.drafts.append(Draft(step, x, self._input(before, x, step), f, before))
             if j < size:
                 x = sched.step(f, self.timesteps[step], x, return_dict=False)[0]
