@@ -51,6 +51,8 @@ def markdown(results: dict[str, Any]) -> str:
         "For the diffusers peers, NFE and NFE+ are the measured share of the blocks' linear-layer work that "
         "really ran (FBCache's always-run first block and PAB's MLPs included; see specdist/engine/peers.py).",
         "",
+        *[f"Note: {n}" for n in results.get("notes", [])],
+        *([""] if results.get("notes") else []),
     ]
     for model in results["models"]:
         lines += [f"## {model['model']} ({model['class']}, latent {model['latent_shape']}, "

@@ -173,7 +173,10 @@ class RayPool(WorkerPool):
     def wait(self, timeout: float) -> list[JobResult]:
         self._flush()
         out: list[JobResult] = []
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout) if self.pending else ([], [])
+        if not self.pending:
+            time.sleep(min(timeout, 0.01))
+            return out
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
         if ready:
             ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
         for ref in ready:
