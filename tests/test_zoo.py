@@ -72,3 +72,27 @@ def test_video_motion_matches_the_prompt():
         dx, dy = float(cx[-1] - cx[0]), float(cy[-1] - cy[0])
         moved = {"right": dx, "left": -dx, "down": dy, "up": -dy}[direction]
         assert moved > 5.0, (prompt, dx, dy)
+
+
+def test_init_from_maps_a_two_frame_patch_onto_one_frame():
+    """``--init-from`` across a temporal patch change: a static clip embeds as before, and the head's
+    one frame slot is the mean of the old two."""
+    import torch
+
+    from specdist.zoo.build import build_transformer
+    from specdist.zoo.specs import ZOO_SPECS
+    from specdist.zoo.train import _adapt_patch_t
+
+    model = build_transformer(ZOO_SPECS["hunyuan-shapes-video"])  # patch 1x4x4
+    gen = torch.Generator().manual_seed(0)
+    old = {"x_embedder.proj.weight": torch.randn(64, 3, 2, 4, 4, generator=gen),
+           "proj_out.weight": torch.randn(96, 64, generator=gen), "proj_out.bias": torch.randn(96, generator=gen)}
+    state = dict(old)
+    assert sorted(_adapt_patch_t(state, model)) == ["proj_out.bias", "proj_out.weight", "x_embedder.proj.weight"]
+    frame = torch.randn(1, 3, 1, 4, 4, generator=gen)
+    two = torch.cat([frame, frame], dim=2)
+    assert torch.allclose((old["x_embedder.proj.weight"][None] * two[:, None]).sum(dim=(2, 3, 4, 5)),
+                          (state["x_embedder.proj.weight"][None] * frame[:, None]).sum(dim=(2, 3, 4, 5)), atol=1e-5)
+    rows = old["proj_out.weight"].view(3, 2, 16, 64)
+    assert torch.allclose(state["proj_out.weight"], rows.mean(dim=1).reshape(48, 64))
+    assert state["proj_out.weight"].shape == model.proj_out.weight.shape

@@ -1,9 +1,11 @@
 """Architectures and training recipes of the shipped zoo models (one entry per model).
 
 Sizing (DESIGN §5): measured on this project's 2-core CPU machine with one thread per trainer,
-a training sample costs ~35 ms for ``dit-shapes`` (64 tokens, 20 blocks of width 64) and ~120 ms
-for ``hunyuan-shapes-video`` (256 tokens, 16 blocks of width 64). Both are thin and deep so a
-one-block probe costs 1/20 and 1/16 of a step.
+a training sample costs ~35 ms for ``dit-shapes`` (64 tokens, 20 blocks of width 64) and ~330 ms
+for ``hunyuan-shapes-video`` (512 tokens, 16 blocks of width 64). Both are thin and deep so a
+one-block probe costs 1/20 and 1/16 of a step. The video patch is 1×4×4: each token then carries
+48 output values, fewer than the width, so ``proj_out`` can reach every one (with 2×4×4 it could
+not reach 32 of 96, and that part of the initial noise was never removed).
 """
 
 from __future__ import annotations
