@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from itertools import cycle, islice
@@ -62,33 +63,23 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
     out = summarize(stats, flops, cfg.method, cfg.cache.probe_block, cfg.steps, cfg.cache.granularity)
     out["cache"] = config_to_dict(cfg.cache)
     if references:
-        ref_latents = torch.cat([r.latents for r in references])
-        ref_pixels = bundle.decode(ref_latents)
-        full_wall = sum(r.wall_s for r in references)
-        out["reference"] = {
-            "full_wall_s": round(full_wall, 4),
-            "speedup_wall": full_wall / max(sum(r.wall_s for r in results), 1e-9),
-            "speedup_nfe": cfg.steps / out["nfe_with_overhead"],
-            "output_sha256_full": output_sha256(ref_latents),
-            "latent_rel_l2": compare(latents, ref_latents)["rel_l2"],
-            "pixels": compare(pixels, ref_pixels) if pixels is not None else None,
-        }
+        out["reference"] = reference_quality(references, latents, pixels, bundle)
+        out["reference"]["speedup_wall"] = out["reference"]["full_wall_s"] / max(sum(r.wall_s for r in results), 1e-9)
+        out["reference"]["speedup_nfe"] = cfg.steps / out["nfe_with_overhead"]
     return out
 
 
-def distributed_quality(references: list, latents: torch.Tensor, pixels: torch.Tensor | None,
-                        bundle: ModelBundle) -> dict[str, Any]:
-    """Quality of a distributed run against the single-process full-compute reference."""
-    if not references:
-        return {}
+def reference_quality(references: list, latents: torch.Tensor, pixels: torch.Tensor | None,
+                      bundle: ModelBundle) -> dict[str, Any]:
+    """Quality of ``latents`` (and decoded ``pixels``) against the full-compute ``references``."""
     ref_latents = torch.cat([r.latents for r in references])
     ref_pixels = bundle.decode(ref_latents)
-    return {"reference": {
-        "output_sha256_full": output_sha256(ref_latents),
+    return {
         "full_wall_s": round(sum(r.wall_s for r in references), 4),
+        "output_sha256_full": output_sha256(ref_latents),
         "latent_rel_l2": compare(latents, ref_latents)["rel_l2"],
         "pixels": compare(pixels, ref_pixels) if pixels is not None else None,
-    }}
+    }
 
 
 def _run_distributed(cfg: GenerateConfig, bundle: ModelBundle, shape: tuple[int, ...], prompts: list[str],
@@ -126,7 +117,7 @@ def _torchrun_worker(cfg: GenerateConfig) -> dict[str, Any]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return {"rank": int(__import__("os").environ["RANK"]), "jobs": jobs}
+    return {"rank": int(os.environ["RANK"]), "jobs": jobs}
 
 
 def run_generate(cfg: GenerateConfig, *, progress: bool = True,
@@ -175,8 +166,10 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
     flops = flops_breakdown(bundle.transformer, *tokens)
     per_forward = flops["total"]
     nfe = sum(r.nfe * r.latents.shape[0] for r in results) / cfg.num_samples
-    caching = (cache_report(cfg, results, references, flops, latents, pixels, bundle) if not rt.distributed
-               else distributed_quality(references, latents, pixels, bundle))
+    if not rt.distributed:
+        caching = cache_report(cfg, results, references, flops, latents, pixels, bundle)
+    else:
+        caching = {"reference": reference_quality(references, latents, pixels, bundle)} if references else {}
     nfe_eff = caching.get("nfe_with_overhead", nfe)
     report = {
         "model": bundle.name,
