@@ -196,7 +196,7 @@ def write(results: dict, out: Path) -> None:
     tp = results["throughput"]
     ax[1].bar([f"{r['method']}\n×{r['workers']}" for r in tp], [r["generations_per_hour"] for r in tp])
     ax[1].set_ylabel("generations / hour")
-    ax[1].set_title("throughput mode")
+    ax[1].set_title(f"throughput mode ({a['throughput_emulate_step_s']} s/step emulated)")
     fig.tight_layout()
     fig.savefig(out / "distributed.png", dpi=110)
 
