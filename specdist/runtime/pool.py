@@ -42,6 +42,18 @@ class PoolStats:
     extra: dict = field(default_factory=dict)
 
 
+def drain(results: queue.Queue, timeout: float) -> list[JobResult]:
+    """Everything in ``results``: waits up to ``timeout`` seconds for the first item only."""
+    out = []
+    try:
+        out.append(results.get(timeout=timeout))
+        while True:
+            out.append(results.get_nowait())
+    except queue.Empty:
+        pass
+    return out
+
+
 def tensor_bytes(t: torch.Tensor | None) -> int:
     """Bytes of a tensor (0 for ``None``)."""
     return 0 if t is None else t.numel() * t.element_size()
@@ -135,13 +147,7 @@ class LocalPool(WorkerPool):
             self.stats.cancel_requests += 1
 
     def wait(self, timeout: float) -> list[JobResult]:
-        out = []
-        try:
-            out.append(self.results.get(timeout=timeout))
-            while True:
-                out.append(self.results.get_nowait())
-        except queue.Empty:
-            pass
+        out = drain(self.results, timeout)
         for r in out:
             with self.lock:
                 self.busy.pop(r.job.id, None)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..errors import SpecdistError
 from .jobs import CANCELLED, DONE, GENERATION, STEP, Job, JobResult, WorkerSpec
-from .pool import PoolStats, WorkerFailure, WorkerPool, tensor_bytes
+from .pool import PoolStats, WorkerFailure, WorkerPool, drain, tensor_bytes
 
 OP_STOP, OP_STEP, OP_GEN, OP_RESULT = 0, 1, 2, 3
 _TS_DTYPES = ["float32", "float64", "int64", "int32", "bfloat16", "float16"]
@@ -137,13 +137,7 @@ class TorchrunPool(WorkerPool):
                 return
 
     def wait(self, timeout: float) -> list[JobResult]:
-        out = []
-        try:
-            out.append(self.results.get(timeout=timeout))
-            while True:
-                out.append(self.results.get_nowait())
-        except queue.Empty:
-            pass
+        out = drain(self.results, timeout)
         for r in out:
             self.busy.pop(r.worker, None)
             if r.status == "failed":
