@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from ..sampling import fresh_scheduler, init_latents
+from ..sampling import fresh_scheduler, init_latents, model_dtype
 from .config import RuntimeConfig
 from .coordinator import Coordinator, RunResult
 from .jobs import WorkerSpec
@@ -71,7 +72,7 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     """
     rt: RuntimeConfig = cfg.runtime
     spec = worker_spec(cfg, prompts, labels, guidance)
-    dtype = next(p.dtype for p in bundle.transformer.parameters() if p.is_floating_point())
+    dtype = model_dtype(bundle.transformer)
     plan = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype) if rt.mode == "latency" else noise
     if rt.backend == "local":
         cond = encode_all(bundle, spec)
@@ -82,8 +83,6 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
                        for _ in range(rt.workers)]
         pool = LocalPool(workers)
         if on_workers is not None:
-            import os
-
             on_workers([os.getpid()] * rt.workers)
         try:
             with torch_threads(rt.threads_per_worker):

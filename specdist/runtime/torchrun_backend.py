@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SpecdistError
+from ..sampling import model_dtype
 from .jobs import CANCELLED, DONE, GENERATION, STEP, Job, JobResult, WorkerSpec
 from .pool import PoolStats, WorkerFailure, WorkerPool, drain, tensor_bytes
 
@@ -261,7 +262,7 @@ def run_worker_rank(cfg: Any, spec: WorkerSpec) -> int:
     dims = dims.cpu()
     n = int(dims[0])
     shape = tuple(int(d) for d in dims[1:1 + n])
-    dtype = next(p.dtype for p in worker.model.parameters() if p.is_floating_point())
+    dtype = model_dtype(worker.model)
     try:
         return serve(worker, ctrl, shape, dtype, shape)
     finally:

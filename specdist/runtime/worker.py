@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..models.base import Conditioning, ModelAdapter
+from ..sampling import model_dtype
 from .jobs import CANCELLED, DONE, GENERATION, Job, JobResult, WorkerSpec
 
 _HOOK = "specdist_runtime_cancel"
@@ -62,7 +63,7 @@ class StepWorker:
                  spec: WorkerSpec) -> None:
         self.model, self.adapter, self.scheduler, self.spec = model, adapter, scheduler, spec
         self.device = next(model.parameters()).device
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        dtype = model_dtype(model)
         self.cond = cond.to(self.device, dtype)
         self.state = threading.local()
         blocks = adapter.blocks(model)
