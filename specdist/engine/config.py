@@ -23,7 +23,7 @@ CACHE_METHODS = ("fora", "taylorseer", "speca")
 PEER_METHODS = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-pab")
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TIME_UNITS = ("index", "timestep")
-GRANULARITIES = ("probe", "output")
+GRANULARITIES = ("probe", "output", "block")
 METRICS = ("rel_l1", "rel_l2", "cosine")
 
 
@@ -43,7 +43,13 @@ class CacheConfig:
     (video and text streams); a speculative step runs embeddings, the probe block (speca) and the
     head. ``output`` ("lite"): the model output itself is forecast (one tensor per sample); for fora
     and taylorseer a speculative step runs no model at all; speca still caches the probe features
-    and runs the probe to verify, but accepts the forecast output."""
+    and runs the probe to verify, but accepts the forecast output. ``block``: every block's
+    residual branches (attention and MLP outputs before their gate) are cached; a speculative
+    step runs each block's norms and modulation for the current step and re-gates the forecast
+    branches with them (speca: the probe block's branches run for real and verify). The first full
+    step measures the branch sizes; when ``max_cache_bytes`` cannot hold every block, the order is
+    kept and the first blocks are left uncached (forecast as one input stream of the first cached
+    block), then the order is lowered."""
     probe_block: int = -1
     """speca: the block run for real to verify a forecast (negative counts from the end)."""
     metric: str = "rel_l2"

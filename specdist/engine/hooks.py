@@ -1,20 +1,37 @@
 """diffusers hooks that let one model call either record features or speculate.
 
 A :class:`SpeculationHooks` registers one ``ModelHook`` per transformer block (through
-``HookRegistry``, no forward is rebound by hand). What the hooks do during a model call is set
-explicitly by the engine before the call with :meth:`SpeculationHooks.plan` and read back after it
-— there is no hidden counter and no global state:
+``HookRegistry``, no forward is rebound by hand) and, for block-level caching, one per residual
+branch submodule of each block (:class:`~specdist.models.base.BranchSpec`). What the hooks do
+during a model call is set explicitly by the engine before the call with
+:meth:`SpeculationHooks.plan` and read back after it — there is no hidden counter and no global
+state.
+
+Granularity ``probe`` / ``output`` (features: the probe block's input and output streams and the
+last block's output):
 
 * ``record``: every block runs; the hooks keep the probe block's input and output streams (and
-  the last block's output when the probe is not the last block). These are the features the
-  Taylor cache is refreshed with on full steps.
+  the last block's output when the probe is not the last block).
 * ``speculate``: blocks are skipped (a skipped block returns its input streams unchanged, costing
   nothing). With verification on, the probe block runs for real on the *forecast* of its input,
   and its true output is kept for comparison with the forecast of its output; when the probe is
   the last block, that true output goes on to the output head. Without verification (fixed-interval
   methods) even the probe is skipped and the last block returns the forecast of its output.
 
-Features are tuples of stream tensors, each ``[rows, tokens, dim]``.
+Granularity ``block`` (features: every cached block's residual branches *before* their gate,
+plus, when the memory budget leaves the first ``start`` blocks uncached, the input streams of
+block ``start``):
+
+* ``measure``: a full call that records only the bytes per row of each block's branches and input
+  streams (the engine sizes the cached region with them before keeping anything).
+* ``record``: a full call; the branches of blocks ``>= start`` (and block ``start``'s input) are kept.
+* ``speculate``: blocks ``< start`` are skipped and block ``start`` gets the forecast of its input;
+  every later block runs its own forward — norms and the *current* step's modulation — while each
+  branch submodule returns its forecast instead of computing, so the forecast is re-gated for free.
+  Submodules that only feed a forecast branch return zeros. With verification on, the probe
+  block's branches run for real and are kept for comparison with their forecasts.
+
+Features are tuples of tensors, each ``[rows, ...]``.
 """
 
 from __future__ import annotations
@@ -29,16 +46,32 @@ from torch import nn
 from ..models.base import ModelAdapter, StreamSpec
 
 HOOK_NAME = "specdist_speculation"
+GRANULARITIES = ("probe", "output", "block")
 
 
 @dataclass
 class CallPlan:
     """Instructions for the blocks during one model call, and what they leave behind."""
 
-    mode: str = "off"  # "off" | "record" | "speculate"
+    mode: str = "off"  # "off" | "measure" | "record" | "speculate"
     verify: bool = True
-    forecast: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # probe_in / probe_out / last_out
+    start: int = 0  # block level: first block whose branches are cached
+    forecast: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     recorded: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # measure: bytes per row of each feature
+
+
+def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(output) if isinstance(output, tuple) else (output,)
+
+
+def _row_bytes(tensors: tuple[torch.Tensor, ...]) -> int:
+    return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def branch_key(block: int, name: str) -> str:
+    """Feature name of branch submodule ``name`` of block ``block``."""
+    return f"branch.{block}.{name}"
 
 
 class _BlockHook(ModelHook):
@@ -49,10 +82,13 @@ class _BlockHook(ModelHook):
         self.streams = streams
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        plan, probe, last = self.owner.current, self.owner.probe, self.owner.last
+        plan = self.owner.current
         run = self.fn_ref.original_forward
         if plan.mode == "off":
             return run(*args, **kwargs)
+        if self.owner.block_level:
+            return self._block_level(plan, run, args, kwargs)
+        probe, last = self.owner.probe, self.owner.last
         if plan.mode == "record":
             if self.index == probe:
                 plan.recorded["probe_in"] = self.streams.read(args, kwargs)
@@ -73,11 +109,87 @@ class _BlockHook(ModelHook):
             return self.streams.pack(plan.forecast["last_out"])
         return self.streams.pack(self.streams.read(args, kwargs))
 
+    def _block_level(self, plan: CallPlan, run: Any, args: tuple, kwargs: dict) -> Any:
+        if plan.mode == "measure":
+            plan.sizes[f"input.{self.index}"] = _row_bytes(self.streams.read(args, kwargs))
+        elif plan.mode == "record":
+            if plan.start > 0 and self.index == plan.start:
+                plan.recorded["entry_in"] = self.streams.read(args, kwargs)
+        elif self.index < plan.start:  # speculate: the uncached prefix costs nothing
+            return self.streams.pack(self.streams.read(args, kwargs))
+        elif plan.start > 0 and self.index == plan.start:
+            args, kwargs = self.streams.replace(args, kwargs, plan.forecast["entry_in"])
+        return run(*args, **kwargs)
+
+
+class _BranchHook(ModelHook):
+    """On a residual-branch submodule: record its output, or return its forecast."""
+
+    def __init__(self, owner: "SpeculationHooks", block: int, name: str) -> None:
+        super().__init__()
+        self.owner, self.block, self.key = owner, block, branch_key(block, name)
+        self.is_tuple = False
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = self.owner.current
+        run = self.fn_ref.original_forward
+        if plan.mode == "off" or self.block < plan.start:
+            return run(*args, **kwargs)
+        if plan.mode == "speculate" and not (plan.verify and self.block == self.owner.probe):
+            forecast = plan.forecast[self.key]
+            return tuple(forecast) if self.is_tuple else forecast[0]
+        output = run(*args, **kwargs)
+        self.is_tuple = isinstance(output, tuple)
+        if plan.mode == "measure":
+            plan.sizes[self.key] = _row_bytes(_tensors(output))
+        else:
+            plan.recorded[self.key] = _tensors(output)
+        return output
+
+
+class _SkipHook(ModelHook):
+    """On a submodule that only feeds a forecast branch: return zeros of its usual shape instead."""
+
+    def __init__(self, owner: "SpeculationHooks", block: int) -> None:
+        super().__init__()
+        self.owner, self.block = owner, block
+        self.shapes: dict[tuple, tuple[tuple[tuple[int, ...], torch.dtype], ...] | None] = {}
+
+    @staticmethod
+    def _signature(args: tuple, kwargs: dict) -> tuple:
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        return tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = self.owner.current
+        run = self.fn_ref.original_forward
+        sig = self._signature(args, kwargs)
+        known = self.shapes.get(sig)
+        if (plan.mode == "speculate" and self.block >= plan.start and known is not None
+                and not (plan.verify and self.block == self.owner.probe)):
+            first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            rows, tuple_out = first.shape[0], known[-1]
+            zeros = tuple(first.new_zeros((), dtype=dtype).expand(rows, *shape) for shape, dtype in known[:-1])
+            return zeros if tuple_out else zeros[0]
+        output = run(*args, **kwargs)
+        if plan.mode != "speculate":
+            self.shapes[sig] = (*((tuple(t.shape[1:]), t.dtype) for t in _tensors(output)), isinstance(output, tuple))
+        return output
+
 
 class SpeculationHooks:
-    """Install speculation hooks on every block of ``model`` (remove with :meth:`remove`)."""
+    """Install speculation hooks on every block of ``model`` (remove with :meth:`remove`).
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, probe_block: int = -1) -> None:
+    Raises:
+        ValueError: ``probe_block`` out of range, an unknown granularity, or (block level) a
+            branch submodule the adapter names that the block does not have.
+        NotImplementedError: block-level caching on a model whose adapter has no branch spec.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, probe_block: int = -1,
+                 granularity: str = "probe") -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r} (allowed: {', '.join(GRANULARITIES)})")
         self.model = model
         blocks = adapter.blocks(model)
         n = len(blocks)
@@ -85,26 +197,59 @@ class SpeculationHooks:
             raise ValueError(f"probe_block {probe_block} out of range for {n} blocks")
         self.probe = probe_block % n
         self.last = n - 1
+        self.block_level = granularity == "block"
         self.current = CallPlan()
-        self._blocks = blocks
+        self._hooked: list[nn.Module] = []
+        self.branches: list[tuple[str, ...]] = []
         for i, block in enumerate(blocks):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                _BlockHook(self, i, adapter.stream_spec(model, i)), HOOK_NAME)
+            self._register(block, _BlockHook(self, i, adapter.stream_spec(model, i)))
+            if not self.block_level:
+                continue
+            spec = adapter.branch_spec(model, i)
+            for name in (*spec.cached, *spec.skipped):
+                if not isinstance(getattr(block, name, None), nn.Module):
+                    raise ValueError(f"{adapter.model_class} block {i} has no submodule {name!r} "
+                                     f"(branch spec {spec})")
+            for name in spec.cached:
+                self._register(getattr(block, name), _BranchHook(self, i, name))
+            for name in spec.skipped:
+                self._register(getattr(block, name), _SkipHook(self, i))
+            self.branches.append(spec.cached)
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        """Features recorded on full steps (and forecast on speculative ones)."""
+    def _register(self, module: nn.Module, hook: ModelHook) -> None:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        self._hooked.append(module)
+
+    def feature_names(self, start: int = 0) -> tuple[str, ...]:
+        """Features recorded on full steps (and forecast on speculative ones); ``start``: first
+        cached block (block level)."""
+        if self.block_level:
+            entry = ("entry_in",) if start > 0 else ()
+            return entry + tuple(branch_key(k, name) for k in range(start, self.last + 1) for name in self.branches[k])
         return ("probe_in", "last_out") if self.probe == self.last else ("probe_in", "probe_out", "last_out")
 
-    def plan(self, mode: str, verify: bool = True, forecast: dict | None = None) -> CallPlan:
+    def verified_features(self) -> tuple[str, ...]:
+        """Features whose forecast is compared with the probe's true computation."""
+        if self.block_level:
+            return tuple(branch_key(self.probe, name) for name in self.branches[self.probe])
+        return ("probe_out",)
+
+    def region_bytes(self, sizes: dict[str, int], start: int) -> int:
+        """Bytes per row of the features cached when the region starts at block ``start``
+        (from a ``measure`` call's ``sizes``)."""
+        entry = sizes[f"input.{start}"] if start > 0 else 0
+        return entry + sum(sizes[name] for name in self.feature_names(start) if name != "entry_in")
+
+    def plan(self, mode: str, verify: bool = True, forecast: dict | None = None, start: int = 0) -> CallPlan:
         """Set what the next model call does; returns the plan the hooks will fill."""
-        self.current = CallPlan(mode=mode, verify=verify, forecast=forecast or {})
+        self.current = CallPlan(mode=mode, verify=verify, start=start, forecast=forecast or {})
         return self.current
 
     def remove(self) -> None:
         """Detach every hook."""
-        for block in self._blocks:
-            HookRegistry.check_if_exists_or_initialize(block).remove_hook(HOOK_NAME)
+        for module in self._hooked:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
+        self._hooked = []
         self.current = CallPlan()

@@ -227,8 +227,8 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -
                             "(call pipe.transformer.disable_cache() first)")
     adapter = adapter_for(model)
     try:
-        blocks = SpeculationHooks(model, adapter, cfg.probe_block)
-    except ValueError as err:
+        blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
+    except (ValueError, NotImplementedError) as err:
         raise SpecdistError(f"specdist.enable: {err}") from None
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(_PipelineHook(pipe, adapter, blocks, method, cfg), HOOK_NAME)

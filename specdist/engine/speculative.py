@@ -109,6 +109,26 @@ def _fit_order(order: int, per_order_bytes: int, cap: int) -> int:
     return min(order, fit)
 
 
+def fit_region(order: int, region_bytes: Callable[[int], int], last_start: int, cap: int) -> tuple[int, int]:
+    """Block level: ``(order, start)`` — the highest order ``<= order`` and then the largest cached
+    region (smallest first cached block ``start <= last_start``) whose ``(order + 1) ×
+    region_bytes(start)`` fits in ``cap`` bytes (0 = no cap: every block at ``order``).
+
+    Raises:
+        ConfigError: not even reuse of block ``last_start``'s branches fits.
+    """
+    if cap <= 0:
+        return order, 0
+    for m in range(order, -1, -1):
+        for start in range(last_start + 1):
+            if (m + 1) * region_bytes(start) <= cap:
+                return m, start
+    from ..errors import ConfigError
+
+    raise ConfigError(f"invalid value for 'cache.max_cache_bytes': {cap} (allowed: >= {region_bytes(last_start)} "
+                      f"bytes, one copy of the probe block's branches for this batch)")
+
+
 class SpeculativeStepper:
     """The per-generation state of a caching method and one step of forecast → verify → accept or
     roll back, for ``samples`` samples whose model calls carry ``branches`` rows each (2 when
@@ -129,6 +149,8 @@ class SpeculativeStepper:
         self.cache: TaylorCache | None = None  # probe features: rows = samples x branches
         self.out_cache: TaylorCache | None = None  # lite: the (guided) call output, rows = samples
         self.layout: list[tuple[str, int]] = []
+        self.start = 0  # block level: first block whose branches are cached (sized on the first full call)
+        self.sized = not self.block_level
         self.run_len = torch.zeros(samples, dtype=torch.long)
         self.stats = CacheStats([[] for _ in range(samples)], [[] for _ in range(samples)], [], 0,
                                 _effective_order(method, cfg))
@@ -137,6 +159,11 @@ class SpeculativeStepper:
     def lite(self) -> bool:
         """Whether the model output itself is forecast (``granularity: output``)."""
         return self.cfg.granularity == "output"
+
+    @property
+    def block_level(self) -> bool:
+        """Whether every block's residual branches are cached (``granularity: block``)."""
+        return self.cfg.granularity == "block"
 
     @property
     def uses_probe(self) -> bool:
@@ -153,16 +180,26 @@ class SpeculativeStepper:
             flat, k = self.cache.forecast(self.rows_of(spec), time), 0
             for name, n in self.layout:
                 forecast[name], k = tuple(flat[k:k + n]), k + n
-            forecast.setdefault("probe_out", forecast["last_out"])
+            if not self.block_level:
+                forecast.setdefault("probe_out", forecast["last_out"])
         if self.lite:
             forecast["output"] = self.out_cache.forecast(spec, time)
         return forecast
 
+    def _size_region(self, sizes: dict[str, int]) -> None:
+        """Block level, after the measuring call: choose the order and the cached region."""
+        rows = self.samples * self.branches
+        order, self.start = fit_region(self.stats.effective_order, lambda st: rows * self.hooks.region_bytes(sizes, st),
+                                       self.hooks.probe if self.verify else self.hooks.last, self.cfg.max_cache_bytes)
+        self.stats.effective_order = order
+        self.stats.extra["cached_blocks"] = self.hooks.last + 1 - self.start
+        self.sized = True
+
     def _record(self, redo: torch.Tensor, time: float, recorded: dict, output: torch.Tensor) -> None:
-        names = self.hooks.feature_names if self.uses_probe else ()
+        names = self.hooks.feature_names(self.start) if self.uses_probe else ()
         feats = [recorded[name] for name in names]
         flat = tuple(s for f in feats for s in f)
-        if self.cache is None and self.out_cache is None:  # first full step: size and create
+        if self.cache is None and self.out_cache is None:  # first recorded step: size and create
             self.layout = [(name, len(f)) for name, f in zip(names, feats)]
             per_order = sum(s[0].numel() * s.element_size() for s in flat) * self.samples * self.branches
             if self.lite:
@@ -197,7 +234,7 @@ class SpeculativeStepper:
         if len(spec):
             forecast = self._forecast(spec, time)
             if self.uses_probe:
-                plan = self.hooks.plan("speculate", verify=self.verify, forecast=forecast)
+                plan = self.hooks.plan("speculate", verify=self.verify, forecast=forecast, start=self.start)
                 o = call(spec)
                 stats.spec_calls += 1
             if self.lite:  # the forecast is the output (unverified lite: no model call at all)
@@ -205,8 +242,9 @@ class SpeculativeStepper:
             ok = torch.isfinite(o.flatten(1)).all(dim=1)
             err = torch.full_like(ok, float("nan"), dtype=torch.float32)
             if self.verify:
-                true = torch.cat([s.flatten(1) for s in plan.recorded["probe_out"]], dim=1)
-                pred = torch.cat([s.flatten(1) for s in forecast["probe_out"]], dim=1)
+                names = self.hooks.verified_features()
+                true = torch.cat([s.flatten(1) for n in names for s in plan.recorded[n]], dim=1)
+                pred = torch.cat([s.flatten(1) for n in names for s in forecast[n]], dim=1)
                 err = combine_rows(forecast_error(pred, true, cfg.metric), len(spec))
                 ok = ok & (verification_waived(cfg, self.run_len[spec]).to(err.device) | (err < tau))
             host = torch.stack([ok.float(), err]).cpu()  # the step's one host synchronisation
@@ -224,10 +262,14 @@ class SpeculativeStepper:
             if len(stats.decisions[sample]) == i:
                 stats.decisions[sample].append("F")
         if len(redo):
-            plan = self.hooks.plan("record" if self.uses_probe else "off")
+            mode = "record" if self.sized else "measure"
+            plan = self.hooks.plan(mode if self.uses_probe else "off", start=self.start)
             o = call(redo)
             stats.full_calls += 1
-            self._record(redo, time, plan.recorded, o)
+            if mode == "measure":
+                self._size_region(plan.sizes)
+            else:
+                self._record(redo, time, plan.recorded, o)
             if out is None:
                 out = o.new_empty((b, *o.shape[1:]))
             out[redo.to(o.device)] = o
@@ -272,7 +314,7 @@ def sample_cached(
     b = noise.shape[0]
     guided = cond.uncond_kwargs is not None and cond.guidance_scale > 1.0
     train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
-    hooks = SpeculationHooks(model, adapter, cfg.probe_block)
+    hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
     stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, threshold_fn=threshold_fn,
                                  cache_cls=cache_cls)
     start = time.perf_counter()

@@ -64,6 +64,21 @@ class StreamSpec:
         return tuple(output[pos] for pos in self.outputs)
 
 
+@dataclass(frozen=True)
+class BranchSpec:
+    """The residual branches of one block, for block-level caching (``cache.granularity: block``).
+
+    ``cached``: submodules (names relative to the block) whose outputs are the block's residual
+    branches *before* their gate — the block's own forward multiplies them by the current step's
+    modulation, so a forecast branch is re-gated for free. ``skipped``: submodules whose outputs
+    only feed a cached one (e.g. a single-stream block's attention and MLP input, which meet in
+    the cached ``proj_out``); on a forecast step they return zeros instead of computing.
+    """
+
+    cached: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+
 @dataclass
 class Conditioning:
     """Per-sample model inputs that do not change over the denoising steps.
@@ -127,6 +142,11 @@ class ModelAdapter(ABC):
     def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
         """Stream layout of block ``index`` (default: one ``hidden_states`` tensor in and out)."""
         return StreamSpec()
+
+    def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
+        """Residual branches of block ``index`` (block-level caching)."""
+        raise NotImplementedError(f"{self.model_class}: block-level caching (cache.granularity: block) is not "
+                                  f"supported; use 'probe' or 'output'")
 
     @abstractmethod
     def head_modules(self, model: nn.Module) -> list[str]:
@@ -203,3 +223,18 @@ class DualStreamAdapter(ModelAdapter):
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["norm_out", "proj_out"]
+
+    def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
+        # Dual-stream: joint attention (gate_msa / c_gate_msa), ff (gate_mlp), ff_context (c_gate_mlp).
+        # Single-stream: proj_out of [attention, MLP] is the one gated branch; attention and the
+        # MLP input feed only it.
+        if index < len(model.transformer_blocks):
+            return BranchSpec(cached=("attn", "ff", "ff_context"))
+        return BranchSpec(cached=("proj_out",), skipped=("attn", "proj_mlp", "act_mlp"))
+
+
+def basic_block_branches(block: nn.Module) -> BranchSpec:
+    """Branches of a diffusers ``BasicTransformerBlock`` (DiT, PixArt): self-attention (gated by
+    ``gate_msa`` under adaLN), cross-attention when present (ungated), feed-forward (``gate_mlp``)."""
+    names = ("attn1",) + (("attn2",) if getattr(block, "attn2", None) is not None else ()) + ("ff",)
+    return BranchSpec(cached=names)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Conditioning, ModelAdapter, timestep_batch
+from .base import BranchSpec, Conditioning, ModelAdapter, basic_block_branches, timestep_batch
 
 
 class DiTAdapter(ModelAdapter):
@@ -28,6 +28,9 @@ class DiTAdapter(ModelAdapter):
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["norm_out", "proj_out_1", "proj_out_2"]
+
+    def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
+        return basic_block_branches(model.transformer_blocks[index])
 
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels, height, width)

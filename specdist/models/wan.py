@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Conditioning, ModelAdapter, timestep_batch
+from .base import BranchSpec, Conditioning, ModelAdapter, timestep_batch
 
 
 class WanAdapter(ModelAdapter):
@@ -31,6 +31,10 @@ class WanAdapter(ModelAdapter):
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["norm_out", "proj_out"]  # plus the ``scale_shift_table`` parameter
+
+    def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
+        # self-attention (gate_msa), cross-attention (ungated), FFN (c_gate_msa)
+        return BranchSpec(cached=("attn1", "attn2", "ffn"))
 
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels, frames, height, width)
