@@ -136,6 +136,7 @@ def _row(method, knobs, res, wall, ref, ref_wall, pixels, ref_pixels, flops, gui
             "cache_bytes": summary["cache_bytes"],
             "full_steps_min_max": [min(summary["full_steps"]), max(summary["full_steps"])],
             "verification_overhead_flops": summary["verification_overhead"]["flops_fraction_of_full_inference"],
+            "speculative_time_fraction": summary["verification_overhead"]["speculative_seconds"] / ref_wall,
         }
     q_pix = compare(pixels, ref_pixels) if pixels is not None else None
     return {

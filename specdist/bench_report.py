@@ -17,6 +17,11 @@ def _psnr(row: dict, key: str = "mean") -> float:
     return float("inf") if value == "inf" else float(value) if value is not None else float("nan")
 
 
+def _verif(row: dict) -> str:
+    flops = f"{100 * row['verification_overhead_flops']:.1f}%"
+    return flops if "speculative_time_fraction" not in row else f"{flops} / {100 * row['speculative_time_fraction']:.1f}%"
+
+
 def _fmt_psnr(value: float) -> str:
     return "∞" if value == float("inf") else f"{value:.1f}"
 
@@ -47,7 +52,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Columns: NFE = full-model evaluations per sample (rollbacks included); NFE+ = NFE plus the FLOPs of "
         "speculative calls (embeddings, head and — for speca — the probe block) in full-forward units; "
         "speedups are against `full` in the same run; PSNR/SSIM on pixels and rel-L2 on latents vs `full` "
-        "from the same seed (mean / worst over samples); verif = verification FLOPs as a fraction of full inference. "
+        "from the same seed (mean / worst over samples); verif = verification FLOPs (the probe block on every "
+        "speculative step) as a fraction of full inference, then the wall time of the speculative calls "
+        "(forecast, probe, head, decision) as a fraction of `full`'s wall time. "
         "For the diffusers peers, NFE and NFE+ are the measured share of the blocks' linear-layer work that "
         "really ran (FBCache's always-run first block and PAB's MLPs included; see specdist/engine/peers.py).",
         "",
@@ -71,7 +78,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['speedup_nfe']:.2f}× | {r['wall_s']:.2f} | {r['speedup_wall']:.2f}× | "
                 f"{_fmt_psnr(_psnr(r))} / {_fmt_psnr(_psnr(r, 'worst'))} | "
                 f"{'—' if ssim is None else f'{ssim:.4f}'} | {r['latent_rel_l2']['mean']:.4f} / "
-                f"{r['latent_rel_l2']['worst']:.4f} | {100 * r['verification_overhead_flops']:.1f}% | {acc} | {run} | {kib} |")
+                f"{r['latent_rel_l2']['worst']:.4f} | {_verif(r)} | {acc} | {run} | {kib} |")
         best = best_at_target(model["rows"])
         lines += ["", f"Fastest run of each method with mean PSNR ≥ {PSNR_TARGET:.0f} dB:", ""]
         for method, r in sorted(best.items(), key=lambda kv: -kv[1]["speedup_nfe"]):

@@ -160,3 +160,21 @@ def test_block_level_needs_a_branch_spec():
     with pytest.raises(NotImplementedError, match="cache.granularity: block"):
         SpeculationHooks(model, NoBranches(), granularity="block")
     assert HookRegistry is not None
+
+
+def test_min_run_accepts_without_running_the_probe():
+    model, adapter, sched, cond, noise = _tiny_video()
+    cfg = CacheConfig(granularity="block", min_run=2, max_run=3)
+    probe_calls = []
+    handle = adapter.blocks(model)[-1].attn.to_q.register_forward_hook(lambda *a: probe_calls.append(1))
+    try:
+        loose = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
+                              threshold_fn=lambda i: float("inf"))
+    finally:
+        handle.remove()
+    assert {r["decisions"] for r in loose.stats.per_sample()} == {"FFFAAAFA"}
+    assert loose.stats.probed == [1, 1]  # only the third forecast of the run was checked
+    assert len(probe_calls) == 4 + 1  # 4 full calls, and the probe's attention on that one checked forecast
+    strict = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
+                           threshold_fn=lambda i: 0.0)
+    assert {r["decisions"] for r in strict.stats.per_sample()} == {"FFFAARAA"}

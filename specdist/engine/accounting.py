@@ -9,36 +9,45 @@ from .speculative import CacheStats
 
 def speculative_call_cost(flops: dict[str, Any], method: str, probe_block: int = -1,
                           granularity: str = "probe") -> float:
-    """FLOPs of one speculative step as a fraction of a full forward: embeddings and head, plus the
-    probe block for ``speca``; nothing for unverified lite forecasts (``granularity: output``).
+    """FLOPs of one speculative step *without* the probe, as a fraction of a full forward: the
+    embeddings and head; nothing for unverified lite forecasts (``granularity: output``).
     ``flops`` comes from :func:`specdist.metrics.flops.flops_breakdown`."""
     if granularity == "output" and method != "speca":
         return 0.0
-    probe = flops["per_block"][probe_block] if method == "speca" else 0
-    return (flops["embed_and_head"] + probe) / flops["total"]
+    return flops["embed_and_head"] / flops["total"]
 
 
 def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block: int, steps: int,
               granularity: str = "probe") -> dict[str, Any]:
-    """Per-run figures: NFE with overhead, verification overhead, acceptance, runs, cache bytes."""
+    """Per-run figures: NFE with overhead, verification overhead, acceptance, runs, cache bytes.
+
+    Verification overhead (``flops_fraction_of_full_inference``) is the probe block's FLOPs on every
+    speculative step it checked (``min_run`` waives the first ones) over the FLOPs of full inference
+    (all steps full); the speculative FLOPs add the embeddings and head every speculative step runs.
+    ``speculative_seconds`` is the wall time of the speculative calls, each up to its decision (the
+    step's host synchronisation): forecast, probe, head and verification."""
     per = stats.per_sample()
     n = len(per)
     spec_steps = [r["accepted"] + r["rejected"] for r in per]
-    cost = speculative_call_cost(flops, method, probe_block, granularity)
+    base = speculative_call_cost(flops, method, probe_block, granularity)
+    probe = flops["per_block"][probe_block] / flops["total"]
+    probed = sum(stats.probed) if stats.probed else 0
     runs = [r["mean_accepted_run"] for r in per if r["accepted"]]
-    overhead = cost * sum(spec_steps) / (n * steps)
+    verification = probe * probed / (n * steps)
+    spec_flops = base * sum(spec_steps) / n + probe * probed / n  # in full forwards per sample
     return {
         "full_steps": [r["full_steps"] for r in per],
         "speculative_steps": spec_steps,
         "accepted": [r["accepted"] for r in per],
         "rejected": [r["rejected"] for r in per],
+        "probed": list(stats.probed),
         "decisions": [r["decisions"] for r in per],
         "mean_accepted_run": sum(runs) / len(runs) if runs else 0.0,
-        "nfe_with_overhead": sum(r["full_steps"] for r in per) / n + cost * sum(spec_steps) / n,
+        "nfe_with_overhead": sum(r["full_steps"] for r in per) / n + spec_flops,
         "verification_overhead": {
-            "flops_fraction_of_full_inference": overhead if method == "speca" else 0.0,
-            "speculative_flops_fraction_of_full_inference": overhead,
-            "speculative_call_cost_fraction_of_forward": cost,
+            "flops_fraction_of_full_inference": verification,
+            "speculative_flops_fraction_of_full_inference": spec_flops / steps,
+            "speculative_seconds": stats.spec_seconds,
         },
         "cache_bytes": stats.cache_bytes,
         "cache_order": stats.effective_order,

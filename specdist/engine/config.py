@@ -70,11 +70,12 @@ class CacheConfig:
     max_run: int = 8
     """speca: at most this many consecutive speculative steps before a forced full step."""
     max_cache_bytes: int = 16 * 2**30
-    """Cap on the forecaster's memory; the Taylor order is lowered until the cache fits
-    (0 = no cap). Fails clearly if even reuse (order 0) does not fit. The default, 16 GiB, holds
-    order 1 for HunyuanVideo 720×1280×129f with guidance on one 80 GB GPU: the cache keeps the
-    probe block's input and the last block's output (video and text streams), 2 × 730 MB per
-    row in bf16, × (order + 1) × 2 guidance rows ≈ 6 GB, next to the model's 36 GiB peak."""
+    """Cap on the forecaster's memory (0 = no cap). ``probe``/``output``: the Taylor order is lowered
+    until the cache fits; fails clearly if even reuse (order 0) does not fit. ``block``: the first
+    blocks are left uncached until the rest fits at the configured order, then the order is lowered.
+    The default, 16 GiB, sits next to HunyuanVideo's 36 GiB peak at 720×1280×129f on one 80 GB GPU
+    (one hidden state: 730 MB in bf16): ``probe`` order 1 with guidance takes ≈ 6 GB; ``block``
+    order 1 without CFG keeps the last 10 single-stream blocks' branches (+ one entry stream)."""
 
     def validate(self, prefix: str = "cache.") -> None:
         _check(0 <= self.order <= 6, f"{prefix}order", self.order, "an integer 0..6")

@@ -28,7 +28,7 @@ block ``start``):
 * ``speculate``: blocks ``< start`` are skipped and block ``start`` gets the forecast of its input;
   every later block runs its own forward — norms and the *current* step's modulation — while each
   branch submodule returns its forecast instead of computing, so the forecast is re-gated for free.
-  Submodules that only feed a forecast branch return zeros. With verification on, the probe
+  Submodules that only feed a forecast branch return zero-width tensors (nothing computed). With verification on, the probe
   block's branches run for real and are kept for comparison with their forecasts.
 
 Features are tuples of tensors, each ``[rows, ...]``.
@@ -148,32 +148,39 @@ class _BranchHook(ModelHook):
 
 
 class _SkipHook(ModelHook):
-    """On a submodule that only feeds a forecast branch: return zeros of its usual shape instead."""
+    """On a submodule that only feeds a forecast branch: skip it on forecast steps.
+
+    It returns tensors of its usual shape but *zero width* in the last dimension: the consumer (a
+    concatenation feeding the forecast ``proj_out``) never reads them, so nothing is computed or
+    materialised. The shapes come from the last computed call with the same input shapes.
+    """
 
     def __init__(self, owner: "SpeculationHooks", block: int) -> None:
         super().__init__()
         self.owner, self.block = owner, block
-        self.shapes: dict[tuple, tuple[tuple[tuple[int, ...], torch.dtype], ...] | None] = {}
+        self.shapes: dict[tuple, tuple] = {}  # input signature -> (output shapes[1:-1], dtypes, is_tuple)
 
     @staticmethod
-    def _signature(args: tuple, kwargs: dict) -> tuple:
-        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        return tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
+    def _tensors_in(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.owner.current
         run = self.fn_ref.original_forward
-        sig = self._signature(args, kwargs)
+        inputs = self._tensors_in(args, kwargs)
+        sig = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
         known = self.shapes.get(sig)
         if (plan.mode == "speculate" and self.block >= plan.start and known is not None
                 and not (plan.verify and self.block == self.owner.probe)):
-            first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-            rows, tuple_out = first.shape[0], known[-1]
-            zeros = tuple(first.new_zeros((), dtype=dtype).expand(rows, *shape) for shape, dtype in known[:-1])
-            return zeros if tuple_out else zeros[0]
+            shapes, dtypes, tuple_out = known
+            rows = inputs[0].shape[0]
+            out = tuple(inputs[0].new_empty((rows, *shape, 0), dtype=dtype) for shape, dtype in zip(shapes, dtypes))
+            return out if tuple_out else out[0]
         output = run(*args, **kwargs)
         if plan.mode != "speculate":
-            self.shapes[sig] = (*((tuple(t.shape[1:]), t.dtype) for t in _tensors(output)), isinstance(output, tuple))
+            outs = _tensors(output)
+            self.shapes[sig] = (tuple(tuple(t.shape[1:-1]) for t in outs), tuple(t.dtype for t in outs),
+                                isinstance(output, tuple))
         return output
 
 

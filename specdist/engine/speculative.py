@@ -21,7 +21,7 @@ the same loop with the probe skipped and every forecast accepted.
 
 from __future__ import annotations
 
-import time
+import time as time_module
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,6 +50,8 @@ class CacheStats:
     effective_order: int
     spec_calls: int = 0  # speculative model calls (batched)
     full_calls: int = 0  # full model calls (batched)
+    spec_seconds: float = 0.0  # wall time of the speculative calls, each up to its decision
+    probed: list[int] = field(default_factory=list)  # per sample: speculative steps the probe checked
     extra: dict = field(default_factory=dict)
 
     @staticmethod
@@ -63,6 +65,8 @@ class CacheStats:
             effective_order=min(p.effective_order for p in parts),
             spec_calls=sum(p.spec_calls for p in parts),
             full_calls=sum(p.full_calls for p in parts),
+            spec_seconds=sum(p.spec_seconds for p in parts),
+            probed=[n for p in parts for n in p.probed],
         )
 
     def per_sample(self) -> list[dict]:
@@ -153,7 +157,7 @@ class SpeculativeStepper:
         self.sized = not self.block_level
         self.run_len = torch.zeros(samples, dtype=torch.long)
         self.stats = CacheStats([[] for _ in range(samples)], [[] for _ in range(samples)], [], 0,
-                                _effective_order(method, cfg))
+                                _effective_order(method, cfg), probed=[0] * samples)
 
     @property
     def lite(self) -> bool:
@@ -219,6 +223,23 @@ class SpeculativeStepper:
         b = self.samples
         return cache.ready(torch.arange(b)) if cache is not None else torch.zeros(b, dtype=torch.bool)
 
+    def _speculate(self, group: torch.Tensor, time: float, verify: bool,
+                   call: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One speculative call for the samples ``group``: (output, per-sample probe error or NaN)."""
+        forecast = self._forecast(group, time)
+        if self.uses_probe and (verify or not self.lite):
+            plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start)
+            o = call(group)
+            self.stats.spec_calls += 1
+        if self.lite:  # the forecast is the output (unverified lite: no model call at all)
+            o = forecast["output"][0]
+        if not verify:
+            return o, torch.full((len(group),), float("nan"), device=o.device)
+        names = self.hooks.verified_features()
+        true = torch.cat([s.flatten(1) for n in names for s in plan.recorded[n]], dim=1)
+        pred = torch.cat([s.flatten(1) for n in names for s in forecast[n]], dim=1)
+        return o, combine_rows(forecast_error(pred, true, self.cfg.metric), len(group))
+
     def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Model output ``[samples, ...]`` for step ``i`` of ``steps`` at forecaster time ``time``."""
         cfg, b, stats = self.cfg, self.samples, self.stats
@@ -232,25 +253,25 @@ class SpeculativeStepper:
         out = None
         spec = (~full).nonzero().flatten()
         if len(spec):
-            forecast = self._forecast(spec, time)
-            if self.uses_probe:
-                plan = self.hooks.plan("speculate", verify=self.verify, forecast=forecast, start=self.start)
-                o = call(spec)
-                stats.spec_calls += 1
-            if self.lite:  # the forecast is the output (unverified lite: no model call at all)
-                o = forecast["output"][0]
+            began = time_module.perf_counter()
+            # min_run waives the check: those samples speculate without the probe (their own call, so a
+            # sample's output never depends on whether a batch mate needed the probe).
+            waived = verification_waived(cfg, self.run_len[spec]) if self.verify else torch.ones(len(spec), dtype=torch.bool)
+            parts = [(spec[m], m.nonzero().flatten(), v) for m, v in ((~waived, True), (waived, False)) if m.any()]
+            results = [self._speculate(group, time, verify, call) for group, _, verify in parts]
+            where = torch.cat([pos for _, pos, _ in parts])
+            back = torch.argsort(where)
+            o = torch.cat([r[0] for r in results])[back.to(results[0][0].device)]
+            err = torch.cat([r[1] for r in results])[back.to(results[0][1].device)]
             ok = torch.isfinite(o.flatten(1)).all(dim=1)
-            err = torch.full_like(ok, float("nan"), dtype=torch.float32)
             if self.verify:
-                names = self.hooks.verified_features()
-                true = torch.cat([s.flatten(1) for n in names for s in plan.recorded[n]], dim=1)
-                pred = torch.cat([s.flatten(1) for n in names for s in forecast[n]], dim=1)
-                err = combine_rows(forecast_error(pred, true, cfg.metric), len(spec))
-                ok = ok & (verification_waived(cfg, self.run_len[spec]).to(err.device) | (err < tau))
+                ok = ok & (waived.to(err.device) | (err < tau))
             host = torch.stack([ok.float(), err]).cpu()  # the step's one host synchronisation
+            stats.spec_seconds += time_module.perf_counter() - began
             accept = host[0].bool()
             for j, sample in enumerate(spec.tolist()):
-                errors[sample] = float(host[1, j]) if self.verify else None
+                errors[sample] = None if waived[j] else float(host[1, j])
+                stats.probed[sample] += int(not waived[j])
                 stats.decisions[sample].append("A" if accept[j] else "R")
             out = o.new_empty((b, *o.shape[1:]))
             acc = spec[accept]
@@ -317,7 +338,7 @@ def sample_cached(
     hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
     stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, threshold_fn=threshold_fn,
                                  cache_cls=cache_cls)
-    start = time.perf_counter()
+    start = time_module.perf_counter()
     try:
         with torch.inference_mode():
             for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
@@ -334,7 +355,7 @@ def sample_cached(
     return CachedResult(
         latents=latents.float().cpu(),
         nfe=sum(r["full_steps"] for r in per) / b,
-        wall_s=time.perf_counter() - start,
+        wall_s=time_module.perf_counter() - start,
         timesteps=[float(t) for t in timesteps],
         stats=stepper.stats,
     )

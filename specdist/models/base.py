@@ -72,7 +72,7 @@ class BranchSpec:
     branches *before* their gate — the block's own forward multiplies them by the current step's
     modulation, so a forecast branch is re-gated for free. ``skipped``: submodules whose outputs
     only feed a cached one (e.g. a single-stream block's attention and MLP input, which meet in
-    the cached ``proj_out``); on a forecast step they return zeros instead of computing.
+    the cached ``proj_out``); on a forecast step they return zero-width tensors instead of computing.
     """
 
     cached: tuple[str, ...]
