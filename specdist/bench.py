@@ -41,9 +41,10 @@ class BenchConfig:
     device: str = "auto"
     repeats: int = 1
     """Timed repetitions of every run (the minimum wall time is reported)."""
-    sweep: dict[str, dict[str, list]] = field(default_factory=dict)
+    sweep: dict[str, dict[str, list] | list[dict[str, list]]] = field(default_factory=dict)
     """method → {dotted knob (``cache.interval``, ``peer.threshold``) → values}; the runs of a
-    method are the cartesian product of its knob values."""
+    method are the cartesian product of its knob values. A list of such dicts gives several
+    products in turn (e.g. a τ range per granularity)."""
     out: str = "benchmarks/results"
 
     def validate(self, prefix: str = "") -> None:
@@ -53,17 +54,21 @@ class BenchConfig:
         check_value(self.num_samples >= 1, f"{prefix}num_samples", self.num_samples, "an integer >= 1")
         check_value(self.repeats >= 1, f"{prefix}repeats", self.repeats, "an integer >= 1")
         allowed = [m for m in METHODS if m != "full"]
-        for method in self.sweep:
+        for method, groups in self.sweep.items():
             check_value(method in allowed, f"{prefix}sweep", method, f"methods among {allowed}")
+            groups = groups if isinstance(groups, list) else [groups]
+            check_value(all(isinstance(g, dict) and all(isinstance(v, list) for v in g.values()) for g in groups),
+                        f"{prefix}sweep.{method}", groups, "a mapping knob -> list of values, or a list of them")
 
 
 def expand_runs(cfg: BenchConfig) -> list[tuple[str, dict[str, Any]]]:
     """(method, knob overrides) for every run of the sweep, in config order."""
     runs = []
-    for method, knobs in cfg.sweep.items():
-        keys = list(knobs)
-        for values in itertools.product(*(knobs[k] for k in keys)):
-            runs.append((method, dict(zip(keys, values))))
+    for method, groups in cfg.sweep.items():
+        for knobs in groups if isinstance(groups, list) else [groups]:
+            keys = list(knobs)
+            for values in itertools.product(*(knobs[k] for k in keys)):
+                runs.append((method, dict(zip(keys, values))))
     return runs
 
 

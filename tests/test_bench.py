@@ -18,11 +18,17 @@ def test_expand_runs_is_the_cartesian_product_per_method():
     assert len(runs) == 5
     assert runs[0] == ("speca", {"cache.tau0": 0.1, "cache.order": 1})
     assert runs[-1] == ("fora", {"cache.interval": 2})
+    groups = config_from_dict({"sweep": {"speca": [{"cache.granularity": ["probe"], "cache.tau0": [0.1]},
+                                                   {"cache.granularity": ["block"], "cache.tau0": [0.03, 0.05]}]}},
+                              BenchConfig)
+    assert [k["cache.tau0"] for _, k in expand_runs(groups)] == [0.1, 0.03, 0.05]
 
 
 def test_bad_sweeps_fail_clearly():
     with pytest.raises(ConfigError, match="invalid value for 'sweep': 'warp'"):
         config_from_dict({"sweep": {"warp": {}}}, BenchConfig)
+    with pytest.raises(ConfigError, match=r"invalid value for 'sweep.fora\[0\].cache.interval': 2 \(allowed: a list\)"):
+        config_from_dict({"sweep": {"fora": [{"cache.interval": 2}]}}, BenchConfig)
     cfg = config_from_dict({"models": ["dit-shapes"], "steps": 2, "num_samples": 1,
                             "sweep": {"fora": {"cache.intervall": [2]}}}, BenchConfig)
     with pytest.raises(ConfigError, match="unknown config key 'cache.intervall'"):
