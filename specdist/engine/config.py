@@ -57,7 +57,8 @@ class CacheConfig:
     tau0: float = 0.1
     """speca: threshold at progress 0."""
     beta: float = 0.1
-    """speca: threshold decay over the trajectory, τ(p) = max(τ0·β^p, τ_min)."""
+    """speca: threshold change over the trajectory, τ(p) = max(τ0·β^p, τ_min): β < 1 tightens the
+    check towards the end (SpeCa's schedule), β > 1 loosens it (strict while the layout forms)."""
     tau_min: float = 0.0
     """speca: threshold floor."""
     warmup: int = 3
@@ -85,7 +86,7 @@ class CacheConfig:
                f"one of {list(GRANULARITIES)}")
         _check(self.metric in METRICS, f"{prefix}metric", self.metric, f"one of {list(METRICS)}")
         _check(self.tau0 >= 0, f"{prefix}tau0", self.tau0, "a number >= 0")
-        _check(0 < self.beta <= 1, f"{prefix}beta", self.beta, "a number in (0, 1]")
+        _check(0 < self.beta <= 100, f"{prefix}beta", self.beta, "a number in (0, 100]")
         _check(self.tau_min >= 0, f"{prefix}tau_min", self.tau_min, "a number >= 0")
         _check(self.warmup >= 1, f"{prefix}warmup", self.warmup, "an integer >= 1 (the cache needs a full step)")
         _check(self.min_run >= 0, f"{prefix}min_run", self.min_run, "an integer >= 0")
