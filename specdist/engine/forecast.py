@@ -60,6 +60,9 @@ class TaylorCache:
             return 0
         return sum(t.numel() * t.element_size() for feat in self.factors for t in feat)
 
+    def _all_rows(self, rows_cpu: torch.Tensor) -> bool:
+        return len(rows_cpu) == self.rows and bool((rows_cpu == torch.arange(self.rows)).all())
+
     def update(self, rows: torch.Tensor, features: tuple[torch.Tensor, ...], time: float) -> None:
         """Record full-step ``features`` (each ``[len(rows), ...]``) of ``rows`` at ``time``."""
         rows_cpu = rows.cpu()
@@ -68,19 +71,27 @@ class TaylorCache:
                 [torch.zeros((self.rows, *f.shape[1:]), dtype=f.dtype, device=f.device) for _ in range(self.order + 1)]
                 for f in features
             ]
+        whole = self._all_rows(rows_cpu)  # the common case: no gathers, factors replaced in place
         filled = self.filled[rows_cpu]
         gaps = time - self.nodes[rows_cpu]  # [n, m+1] float64; nan where no node
         for feat_idx, value in enumerate(features):
             shape = (-1,) + (1,) * (value.ndim - 1)
+            factors = self.factors[feat_idx]
             new = [value]
             for j in range(self.order):
-                usable = (filled > j).to(value.device).view(shape)
-                gap = gaps[:, j].to(value.device, value.dtype).view(shape)
-                old = self.factors[feat_idx][j][rows]
-                diff = (new[j] - old) / torch.where(usable, gap, torch.ones_like(gap))
-                new.append(torch.where(usable, diff, torch.zeros_like(diff)))
-            for j in range(self.order + 1):
-                self.factors[feat_idx][j][rows] = new[j]
+                usable = filled > j
+                inv = torch.where(usable, 1.0 / gaps[:, j], torch.zeros_like(gaps[:, j]))
+                old = factors[j] if whole else factors[j][rows]
+                diff = torch.sub(new[j], old).mul_(inv.to(value.device, value.dtype).view(shape))
+                if not bool(usable.all()):
+                    diff = torch.where(usable.to(value.device).view(shape), diff, torch.zeros_like(diff))
+                new.append(diff)
+            if whole:
+                factors[0].copy_(value)
+                factors[1:] = new[1:]
+            else:
+                for j in range(self.order + 1):
+                    factors[j][rows] = new[j]
         shifted = torch.cat([torch.full((len(rows_cpu), 1), float(time), dtype=torch.float64),
                              self.nodes[rows_cpu, : self.order]], dim=1)
         self.nodes[rows_cpu] = shifted
@@ -91,15 +102,20 @@ class TaylorCache:
         if self.factors is None:
             raise RuntimeError("TaylorCache.forecast called before any full step was recorded")
         rows_cpu = rows.cpu()
+        whole = self._all_rows(rows_cpu)
         offsets = torch.nan_to_num(time - self.nodes[rows_cpu], nan=0.0)  # [n, m+1] float64
+        coeffs = torch.cumprod(offsets[:, : self.order], dim=1)  # [n, m]: Newton basis products
         out = []
         for feats in self.factors:
             ref = feats[0]
             shape = (-1,) + (1,) * (ref.ndim - 1)
-            total = feats[0][rows].clone()
-            prod = torch.ones(len(rows_cpu), dtype=ref.dtype, device=ref.device).view(shape)
-            for j in range(1, self.order + 1):
-                prod = prod * offsets[:, j - 1].to(ref.device, ref.dtype).view(shape)
-                total = total + feats[j][rows] * prod
+            pick = (lambda t: t) if whole else (lambda t: t[rows])
+            if self.order == 0:
+                out.append(pick(feats[0]).clone() if whole else pick(feats[0]))
+                continue
+            c = coeffs.to(ref.device, ref.dtype)
+            total = torch.addcmul(pick(feats[0]), pick(feats[1]), c[:, 0].view(shape))
+            for j in range(2, self.order + 1):
+                total.addcmul_(pick(feats[j]), c[:, j - 1].view(shape))
             out.append(total)
         return tuple(out)
