@@ -178,3 +178,38 @@ def test_min_run_accepts_without_running_the_probe():
     strict = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
                            threshold_fn=lambda i: 0.0)
     assert {r["decisions"] for r in strict.stats.per_sample()} == {"FFFAARAA"}
+
+
+def test_default_budget_fits_block_level_hunyuan_video_720p():
+    """The documented sizing: HunyuanVideo (12.8B, built on the meta device — no memory, no weights)
+    at 720×1280×129f in bf16 without CFG. Sizes per row are what a measuring call records: one
+    hidden state of 118,800 video + 256 text tokens × 3072 is 731.5 MB."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from specdist.models import adapter_for
+
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=24,
+                                               attention_head_dim=128, num_layers=20, num_single_layers=40,
+                                               num_refiner_layers=2, patch_size=2, patch_size_t=1,
+                                               text_embed_dim=4096, pooled_projection_dim=768,
+                                               rope_axes_dim=(16, 56, 56))
+    adapter = adapter_for(model)
+    hooks = SpeculationHooks(model, adapter, granularity="block")
+    try:
+        video, text, width, bf16 = 33 * 45 * 80, 256, 3072, 2
+        hidden, context = video * width * bf16, text * width * bf16
+        sizes = {}
+        for k in range(60):
+            sizes[f"input.{k}"] = hidden + context
+            for name in hooks.branches[k]:
+                sizes[f"branch.{k}.{name}"] = {"attn": hidden + context, "ff": hidden, "ff_context": context,
+                                               "proj_out": hidden + context}[name]
+        cap = CacheConfig().max_cache_bytes
+        order, start = fit_region(1, lambda st: hooks.region_bytes(sizes, st), 59, cap)
+        assert (order, 60 - start) == (1, 10)  # order 1 on the last 10 single-stream blocks
+        assert 2 * hooks.region_bytes(sizes, start) <= cap < 2 * hooks.region_bytes(sizes, start - 1)
+        assert fit_region(1, lambda st: hooks.region_bytes(sizes, st), 59, 0) == (1, 0)  # no cap: all 60 blocks
+        assert 2 * hooks.region_bytes(sizes, 0) > 100 * 2**30  # which no 80 GB GPU holds
+    finally:
+        hooks.remove()

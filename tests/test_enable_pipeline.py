@@ -9,6 +9,7 @@ from __future__ import annotations
 import doctest
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -65,10 +66,11 @@ def _one_thread() -> Iterator[None]:
 
 @contextmanager
 def first_block_runs(pipe) -> Iterator[list[int]]:
-    """Counts real runs of the first block. The pre-hook sits on the block's attention: a pre-hook on
-    the block itself fires on every call, also when the speculation hook skips the block's body."""
+    """Counts real runs of the first block. The pre-hook sits on the attention's query projection: a
+    pre-hook on the block (or, at block granularity, on the attention module) fires on every call,
+    also when the speculation hook returns a forecast instead of running the body."""
     runs = [0]
-    handle = pipe.transformer.transformer_blocks[0].attn.register_forward_pre_hook(
+    handle = pipe.transformer.transformer_blocks[0].attn.to_q.register_forward_pre_hook(
         lambda *_: runs.__setitem__(0, runs[0] + 1))
     try:
         yield runs
@@ -80,12 +82,13 @@ def no_hooks_left(pipe) -> bool:
     return all(not m._diffusers_hook.hooks for m in pipe.transformer.modules() if hasattr(m, "_diffusers_hook"))
 
 
+@pytest.mark.parametrize("granularity", ["probe", "block"])
 @pytest.mark.parametrize("name", MODELS)
-def test_every_rejected_check_rolls_back_to_the_exact_output(name):
+def test_every_rejected_check_rolls_back_to_the_exact_output(name, granularity):
     make, run = MODELS[name]
     pipe = make()
     reference = run(pipe)
-    specdist.enable(pipe, "speca", REJECT_ALL)
+    specdist.enable(pipe, "speca", replace(REJECT_ALL, granularity=granularity))
     out = run(pipe)
     decisions = ["".join(d) for d in last_stats(pipe)["cond"].decisions]
     specdist.disable(pipe)
@@ -93,14 +96,15 @@ def test_every_rejected_check_rolls_back_to_the_exact_output(name):
     assert torch.equal(out, reference)
 
 
+@pytest.mark.parametrize("granularity", ["probe", "block"])
 @pytest.mark.parametrize("name", MODELS)
-def test_accepted_forecasts_skip_blocks(name):
+def test_accepted_forecasts_skip_blocks(name, granularity):
     make, run = MODELS[name]
     pipe = make()
     with first_block_runs(pipe) as runs:
         reference = run(pipe)
     assert runs[0] == STEPS
-    with specdist.enabled(pipe, "speca", ACCEPT_ALL), first_block_runs(pipe) as runs:
+    with specdist.enabled(pipe, "speca", replace(ACCEPT_ALL, granularity=granularity)), first_block_runs(pipe) as runs:
         out = run(pipe)
         stats = last_stats(pipe)["cond"]
     assert ["".join(d) for d in stats.decisions] == ["FFFAAAFA"] * 2

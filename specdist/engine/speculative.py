@@ -8,7 +8,10 @@ For each step ``i`` at time ``s_i`` and each sample ``b`` of the batch:
    with the Taylor cache; run the model with every block skipped except the probe, which runs for
    real on the forecast input. Error ``e_b`` = distance(forecast probe output, true probe output).
    Accept when ``e_b < τ(i / (N−1))`` and the output is finite: ``b``'s model output for this step
-   is the head applied to the probe's true output.
+   is the head applied to the probe's true output. At ``block`` granularity every block runs its
+   norms and modulation on the forecast branches and the probe block's branches are the ones
+   computed and compared (:mod:`~specdist.engine.hooks`). The first ``min_run`` forecasts after a
+   full step are accepted unchecked: those samples speculate in their own call, without the probe.
 3. *Full* (scheduled, or rejected in 2 — the rollback): compute the whole model for ``b`` at the
    *same* state ``x_i``; its features refresh ``b``'s cache; its output replaces any speculation.
 4. ``x_{i+1} = scheduler.step(output, s_i, x_i)`` for the whole batch.
@@ -67,6 +70,7 @@ class CacheStats:
             full_calls=sum(p.full_calls for p in parts),
             spec_seconds=sum(p.spec_seconds for p in parts),
             probed=[n for p in parts for n in p.probed],
+            extra={k: min(p.extra[k] for p in parts) for k in parts[0].extra},
         )
 
     def per_sample(self) -> list[dict]:
