@@ -23,7 +23,9 @@ def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block
 
     Verification overhead (``flops_fraction_of_full_inference``) is the probe block's FLOPs on every
     speculative step it checked (``min_run`` waives the first ones) over the FLOPs of full inference
-    (all steps full); the speculative FLOPs add the embeddings and head every speculative step runs.
+    (all steps full); the speculative FLOPs add the embeddings and head every speculative step runs
+    (not counted: the norms and modulation a ``block``-granularity step runs in every block, which
+    are elementwise or per-sample work, O(tokens·width) and O(width²), next to O(tokens·width²)).
     ``speculative_seconds`` is the wall time of the speculative calls, each up to its decision (the
     step's host synchronisation): forecast, probe, head and verification."""
     per = stats.per_sample()
