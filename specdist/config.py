@@ -162,6 +162,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: an integer)")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot ("1e9") as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: a number)")
         return float(value)

@@ -66,6 +66,9 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
         out["reference"] = reference_quality(references, latents, pixels, bundle)
         out["reference"]["speedup_wall"] = out["reference"]["full_wall_s"] / max(sum(r.wall_s for r in results), 1e-9)
         out["reference"]["speedup_nfe"] = cfg.steps / out["nfe_with_overhead"]
+        overhead = out["verification_overhead"]
+        overhead["speculative_time_fraction_of_full_inference"] = (
+            overhead["speculative_seconds"] / max(out["reference"]["full_wall_s"], 1e-9))
     return out
 
 

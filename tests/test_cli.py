@@ -40,7 +40,8 @@ def test_generate_image_model_end_to_end_and_deterministic(tmp_path, capsys):
 def test_generate_video_model_writes_mp4_and_speca_reports_quality(tmp_path):
     out = tmp_path / "v"
     assert main(["generate", "--quiet", "--set", "steps=6", "--set", "num_samples=2", "--set", "method=speca",
-                 "--set", "cache.warmup=2", "--out", str(out)]) == 0
+                 "--set", "cache.warmup=2", "--set", "cache.granularity=block", "--set", "cache.min_run=1",
+                 "--set", "cache.tau0=1e9", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "hunyuan-shapes-video" and report["media"] == ["video.mp4", "frames.png"]
     assert report["prompts"] == ["red square moving right", "blue circle moving down"]
@@ -48,6 +49,11 @@ def test_generate_video_model_writes_mp4_and_speca_reports_quality(tmp_path):
     assert len(report["decisions"]) == 2 and all(len(d) == 6 for d in report["decisions"])
     assert report["reference"]["pixels"]["psnr_db"]["per_sample"]
     assert report["cache_bytes"] > 0
+    assert report["cached_blocks"] == 16 and report["decisions"] == ["FFAAAA"] * 2
+    assert report["probed"] == [3, 3]  # min_run 1: the first forecast after a full step goes unchecked
+    overhead = report["verification_overhead"]
+    assert 0 < overhead["flops_fraction_of_full_inference"] < overhead["speculative_flops_fraction_of_full_inference"]
+    assert 0 < overhead["speculative_time_fraction_of_full_inference"] < 1
 
 
 @pytest.mark.parametrize(

@@ -75,3 +75,7 @@ def test_types_are_coerced_strictly():
     assert cfg.class_labels == ["1", "circle"]
     with pytest.raises(ConfigError, match="'seed': True"):
         config_from_dict({"seed": True})
+    # PyYAML (YAML 1.1) reads "1e9" as a string; a float field takes it, garbage still fails.
+    assert load_config(None, ["cache.tau0=1e9"]).cache.tau0 == 1e9
+    with pytest.raises(ConfigError, match="invalid value for 'cache.tau0': 'lots' \\(allowed: a number\\)"):
+        load_config(None, ["cache.tau0=lots"])
