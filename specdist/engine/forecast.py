@@ -105,13 +105,13 @@ class TaylorCache:
         whole = self._all_rows(rows_cpu)
         offsets = torch.nan_to_num(time - self.nodes[rows_cpu], nan=0.0)  # [n, m+1] float64
         coeffs = torch.cumprod(offsets[:, : self.order], dim=1)  # [n, m]: Newton basis products
+        pick = (lambda t: t) if whole else (lambda t: t[rows])  # a view of every row, or a gather
         out = []
         for feats in self.factors:
             ref = feats[0]
             shape = (-1,) + (1,) * (ref.ndim - 1)
-            pick = (lambda t: t) if whole else (lambda t: t[rows])
-            if self.order == 0:
-                out.append(pick(feats[0]).clone() if whole else pick(feats[0]))
+            if self.order == 0:  # reuse: a copy, never the cache's own storage
+                out.append(feats[0].clone() if whole else feats[0][rows])
                 continue
             c = coeffs.to(ref.device, ref.dtype)
             total = torch.addcmul(pick(feats[0]), pick(feats[1]), c[:, 0].view(shape))

@@ -28,8 +28,9 @@ block ``start``):
 * ``speculate``: blocks ``< start`` are skipped and block ``start`` gets the forecast of its input;
   every later block runs its own forward — norms and the *current* step's modulation — while each
   branch submodule returns its forecast instead of computing, so the forecast is re-gated for free.
-  Submodules that only feed a forecast branch return zero-width tensors (nothing computed). With verification on, the probe
-  block's branches run for real and are kept for comparison with their forecasts.
+  Submodules that only feed a forecast branch return zero-width tensors (nothing computed). With
+  verification on, the probe block's branches run for real and are kept for comparison with their
+  forecasts.
 
 Features are tuples of tensors, each ``[rows, ...]``.
 """
@@ -44,9 +45,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..models.base import ModelAdapter, StreamSpec
+from .config import GRANULARITIES
 
 HOOK_NAME = "specdist_speculation"
-GRANULARITIES = ("probe", "output", "block")
 
 
 @dataclass
