@@ -76,7 +76,12 @@ class GenerateConfig:
     frames: int | None = None
     """Video frames; ``null`` means the model's default (ignored for image models)."""
     scheduler: str | None = None
-    """diffusers scheduler class for a bare transformer directory without ``scheduler/``."""
+    """A diffusers scheduler class name that replaces the model's sampler, built from the model's own
+    scheduler config (e.g. ``DDPMScheduler`` for a stochastic sampler); ``null`` keeps the saved
+    one. A bare transformer directory without a saved ``scheduler/scheduler_config.json`` needs it."""
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    """Scheduler config keys that override the model's (e.g. ``{prediction_type: v_prediction}``
+    or ``{eta: 0.5}``-like keys of the class); unknown keys are refused naming the allowed ones."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``."""
     dtype: str = "float32"

@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 
 from . import media
 from .config import GenerateConfig, config_to_dict
+from .engine.config import PEER_METHODS
 from .engine.accounting import summarize
 from .engine.speculative import CacheStats
 from .env import environment
-from .loading import DEFAULT_VIDEO_PROMPTS, ModelBundle, load_model
+from .loading import DEFAULT_VIDEO_PROMPTS, ModelBundle, load_model, scheduler_record
 from .metrics import compare
 from .metrics.flops import flops_breakdown
 from .metrics.telemetry import GpuTelemetry
@@ -59,16 +60,23 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
     """Report fields of a caching method: per-sample decisions, overhead, memory, quality vs full."""
     if cfg.method == "full":
         return {}
-    stats = CacheStats.concat([r.stats for r in results])
-    out = summarize(stats, flops, cfg.method, cfg.cache.probe_block, cfg.steps, cfg.cache.granularity)
-    out["cache"] = config_to_dict(cfg.cache)
+    if cfg.method in PEER_METHODS:  # diffusers' caches: the share of block work that really ran
+        work = [sum(w) for w in zip(*[r.work for r in results])] if results[0].work else []
+        out = {"peer": config_to_dict(cfg.peer), "nfe_with_overhead": sum(r.nfe * r.latents.shape[0] for r in results)
+               / sum(r.latents.shape[0] for r in results),
+               "work_per_step": [round(w / len(results), 4) for w in work]}
+    else:
+        stats = CacheStats.concat([r.stats for r in results])
+        out = summarize(stats, flops, cfg.method, cfg.cache.probe_block, cfg.steps, cfg.cache.granularity)
+        out["cache"] = config_to_dict(cfg.cache)
     if references:
         out["reference"] = reference_quality(references, latents, pixels, bundle)
         out["reference"]["speedup_wall"] = out["reference"]["full_wall_s"] / max(sum(r.wall_s for r in results), 1e-9)
         out["reference"]["speedup_nfe"] = cfg.steps / out["nfe_with_overhead"]
-        overhead = out["verification_overhead"]
-        overhead["speculative_time_fraction_of_full_inference"] = (
-            overhead["speculative_seconds"] / max(out["reference"]["full_wall_s"], 1e-9))
+        overhead = out.get("verification_overhead")
+        if overhead is not None:
+            overhead["speculative_time_fraction_of_full_inference"] = (
+                overhead["speculative_seconds"] / max(out["reference"]["full_wall_s"], 1e-9))
     return out
 
 
@@ -111,7 +119,8 @@ def _torchrun_worker(cfg: GenerateConfig) -> dict[str, Any]:
     from .runtime.run import worker_spec
     from .runtime.torchrun_backend import run_worker_rank
 
-    bundle = load_model(cfg.model, device="cpu", dtype=cfg.dtype, scheduler=cfg.scheduler)
+    bundle = load_model(cfg.model, device="cpu", dtype=cfg.dtype, scheduler=cfg.scheduler,
+                        scheduler_config=cfg.scheduler_config)
     prompts, labels = job_inputs(cfg, bundle)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else bundle.default_guidance
     del bundle
@@ -127,18 +136,40 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one generation job and write ``cfg.output.dir``; returns the report dict.
 
-    The output directory is staged and swapped in only when everything is written, so a failed
-    run never leaves a partial result under the final name.
+    The output directory is staged before anything is computed (an unwritable ``output.dir`` fails
+    at once, naming it) and swapped in only when everything is written, so a failed run never
+    leaves a partial result under the final name and an earlier result stays intact.
     """
     t0 = time.perf_counter()
-    rt = cfg.runtime
-    if rt.backend == "torchrun":
+    if cfg.runtime.backend == "torchrun":
         from .runtime.torchrun_backend import rank_info
 
         info = rank_info()
         if info is not None and info[0] != 0:
             return _torchrun_worker(cfg)
-    bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+    staged = StagedOutput(cfg.output.dir)
+    try:
+        report, pixels, latents = _sample_job(cfg, progress, log)
+        report["media"] = _write_media(pixels, staged.dir, cfg.output.fps)
+        if cfg.output.save_latents:
+            save_file({"latents": latents.contiguous()}, str(staged.dir / "latents.safetensors"))
+        report["wall_s"] = round(time.perf_counter() - t0, 4)
+        write_json(staged.dir / "report.json", report)
+        final = staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    log(f"specdist: wrote {final}/report.json (nfe={report['nfe']:g}, wall={report['wall_s']:.1f}s, "
+        f"sha256={report['output_sha256'][:16]}...)")
+    return report
+
+
+def _sample_job(cfg: GenerateConfig, progress: bool,
+                log: Callable[[str], None]) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]:
+    """Load, sample (single process or distributed), decode and measure: (report, pixels, latents)."""
+    rt = cfg.runtime
+    bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                        scheduler_config=cfg.scheduler_config)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else bundle.default_guidance
     shape = bundle.latent_shape(cfg.height, cfg.width, cfg.frames)
     prompts, labels = job_inputs(cfg, bundle)
@@ -187,6 +218,7 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
         "prompts": prompts,
         "class_labels": labels,
         "guidance_scale": guidance,
+        "scheduler": scheduler_record(bundle.scheduler),
         "latent_shape": list(shape),
         "tokens": {"video": tokens[0], "text": tokens[1]},
         "nfe": nfe,
@@ -204,13 +236,4 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
         "environment": environment(bundle.device),
         "config": config_to_dict(cfg),
     }
-    with StagedOutput(cfg.output.dir) as staged:
-        report["media"] = _write_media(pixels, staged.dir, cfg.output.fps)
-        if cfg.output.save_latents:
-            save_file({"latents": latents.contiguous()}, str(staged.dir / "latents.safetensors"))
-        report["wall_s"] = round(time.perf_counter() - t0, 4)
-        write_json(staged.dir / "report.json", report)
-        final = staged.commit()
-    log(f"specdist: wrote {final}/report.json (nfe={nfe:g}, wall={report['wall_s']:.1f}s, "
-        f"sha256={report['output_sha256'][:16]}...)")
-    return report
+    return report, pixels, latents

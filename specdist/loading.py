@@ -8,6 +8,7 @@ path and what was expected.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,46 @@ class ModelBundle:
         return None
 
 
+def saved_scheduler_config(path: Path) -> Path | None:
+    """The scheduler config saved with a checkpoint directory: ``scheduler/scheduler_config.json``
+    (diffusers' layout) or ``scheduler_config.json`` beside the weights; ``None`` when absent."""
+    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _scheduler_class(name: str) -> type:
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler") or not hasattr(cls, "from_config"):
+        raise ConfigError(f"invalid value for 'scheduler': {name!r} (allowed: a diffusers scheduler class name such "
+                          f"as DDIMScheduler, DDPMScheduler or FlowMatchEulerDiscreteScheduler)")
+    return cls
+
+
+def configure_scheduler(scheduler: Any, name: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """``scheduler`` as the job asks: another diffusers class built from its config (``name``), with
+    config keys replaced by ``overrides`` (the job's ``scheduler_config``); ``scheduler`` itself
+    when neither is given. Unknown keys fail naming ``scheduler_config.<key>`` and the allowed keys."""
+    overrides = dict(overrides or {})
+    if (name is None or name == type(scheduler).__name__) and not overrides:
+        return scheduler
+    cls = _scheduler_class(name) if name else type(scheduler)
+    allowed = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"})
+    for key in overrides:
+        if key not in allowed:
+            raise ConfigError(f"unknown config key 'scheduler_config.{key}' for {cls.__name__} "
+                              f"(allowed: {', '.join(allowed)})")
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return cls.from_config({**config, **overrides})
+
+
+def scheduler_record(scheduler: Any) -> dict[str, Any]:
+    """What ``report.json`` says about the sampler: its class and its full config."""
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return {"class": type(scheduler).__name__, "config": json.loads(json.dumps(config, default=str))}
+
+
 def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
     meta = json.loads((path / "specdist_model.json").read_text())
     spec = ZOO_SPECS.get(meta.get("name", name))
@@ -152,25 +193,35 @@ def _pipeline_bundle(path: Path, device: torch.device, dtype: torch.dtype) -> Mo
 
 
 def _transformer_bundle(path: Path, scheduler_name: str | None, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    """A bare transformer directory. Its sampler is the scheduler config saved beside it (see
+    :func:`saved_scheduler_config`), as its pipeline would sample it; without one, the class
+    named by the job's ``scheduler`` with that class's defaults."""
     config = json.loads((path / "config.json").read_text())
     cls_name = config.get("_class_name")
     try:
         adapter = adapter_for(cls_name or "<missing _class_name>")
     except ValueError as exc:
         raise CheckpointError(f"{path}/config.json: {exc}") from None
-    if not scheduler_name:
+    saved = saved_scheduler_config(path)
+    if saved is not None:
+        saved_config = json.loads(saved.read_text())
+        saved_name = saved_config.get("_class_name")
+        if not saved_name:
+            raise CheckpointError(f"{saved}: no '_class_name' (expected a diffusers scheduler config)")
+        scheduler = _scheduler_class(saved_name).from_config(saved_config)
+    elif not scheduler_name:
         raise ConfigError(
             f"invalid value for 'scheduler': None (allowed: a diffusers scheduler class name such as "
-            f"DDIMScheduler or FlowMatchEulerDiscreteScheduler; a bare transformer directory {path} has no scheduler)"
+            f"DDIMScheduler or FlowMatchEulerDiscreteScheduler; the bare transformer directory {path} has no "
+            f"scheduler/scheduler_config.json)"
         )
-    sched_cls = getattr(diffusers, scheduler_name, None)
-    if sched_cls is None or not scheduler_name.endswith("Scheduler"):
-        raise ConfigError(f"invalid value for 'scheduler': {scheduler_name!r} (allowed: a diffusers scheduler class name)")
+    else:
+        scheduler = _scheduler_class(scheduler_name)()
     transformer = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
     size = getattr(transformer.config, "sample_size", 32) or 32
     return ModelBundle(
         name=str(path), source="transformer", path=path, transformer=transformer, adapter=adapter,
-        scheduler=sched_cls(), default_size=(size, size, 1),
+        scheduler=scheduler, default_size=(size, size, 1),
     )
 
 
@@ -183,8 +234,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str | None = None) -> ModelBundle:
-    """Load ``model`` (zoo name or local path) onto ``device`` in ``dtype``."""
+def load_model(model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str | None = None,
+               scheduler_config: dict[str, Any] | None = None) -> ModelBundle:
+    """Load ``model`` (zoo name or local path) onto ``device`` in ``dtype``.
+
+    ``scheduler`` (a diffusers class name) and ``scheduler_config`` (config keys) change the
+    checkpoint's sampler, see :func:`configure_scheduler`; a bare transformer directory without a
+    saved scheduler config needs ``scheduler``."""
     dev, dt = resolve_device(device), DTYPES[dtype]
     expected = EXPECTED.format(zoo=", ".join(ZOO_SPECS))
     if model in ZOO_SPECS:
@@ -208,10 +264,15 @@ def load_model(model: str, *, device: str = "auto", dtype: str = "float32", sche
             raise CheckpointError(f"not a model directory: {path} (expected {expected})")
     try:
         if kind == "zoo":
-            return _zoo_bundle(model, path, dev, dt)
-        if kind == "pipeline":
-            return _pipeline_bundle(path, dev, dt)
-        return _transformer_bundle(path, scheduler, dev, dt)
+            bundle = _zoo_bundle(model, path, dev, dt)
+        elif kind == "pipeline":
+            bundle = _pipeline_bundle(path, dev, dt)
+        else:
+            bundle = _transformer_bundle(path, scheduler, dev, dt)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"could not load {kind} checkpoint at {path}: {first}") from None
+    bundle.scheduler = configure_scheduler(bundle.scheduler, scheduler, scheduler_config)
+    if bundle.pipeline is not None:
+        bundle.pipeline.scheduler = bundle.scheduler
+    return bundle

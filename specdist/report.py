@@ -12,6 +12,12 @@ from typing import Any
 
 import torch
 
+from .errors import SpecdistError
+
+
+class OutputError(SpecdistError, OSError):
+    """The output directory cannot be created or written: names the path."""
+
 
 def output_sha256(latents: torch.Tensor) -> str:
     """SHA-256 of ``latents`` as contiguous float32 bytes (equal hashes ⇔ bit-identical results)."""
@@ -36,16 +42,25 @@ class StagedOutput:
 
     def __init__(self, final: str | Path) -> None:
         self.final = Path(final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
+        except OSError as exc:
+            raise OutputError(f"output.dir {str(self.final)!r} cannot be written: {exc.strerror or exc}") from None
 
     def commit(self) -> Path:
         """Move the staged files to ``final`` and return it."""
         old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.dir, self.final)
+        try:
+            if self.final.exists():
+                old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+                os.replace(self.final, old)
+            os.replace(self.dir, self.final)
+        except OSError as exc:
+            if old is not None and not self.final.exists():
+                os.replace(old, self.final)  # put the earlier result back
+            self.discard()
+            raise OutputError(f"output.dir {str(self.final)!r} cannot be replaced: {exc.strerror or exc}") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.final

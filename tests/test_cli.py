@@ -111,3 +111,19 @@ def test_models_and_info_commands(capsys):
     assert env["torch"] and env["diffusers"]
     if not env["cuda_available"]:
         assert env["gpus"]["available"] is False and env["gpus"]["reason"]
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path):
+    proc = _run("generate", "--set", "model=dit-shapes", "--set", "steps=2", "--set", "output.dir=/proc/x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "output.dir '/proc/x' cannot be written" in lines[0], proc.stderr
+
+
+def test_report_records_the_scheduler_used(tmp_path):
+    out = tmp_path / "o"
+    assert main(["generate", "--quiet", "--set", "model=dit-shapes", "--set", "steps=3", "--set", "num_samples=1",
+                 "--set", "scheduler=DDPMScheduler", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["scheduler"]["class"] == "DDPMScheduler"
+    assert report["scheduler"]["config"]["prediction_type"] == "v_prediction"

@@ -78,3 +78,40 @@ def test_cuda_without_gpu_is_a_config_error():
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         load_model("dit-shapes", device="cuda")
+
+
+def test_bare_transformer_samples_with_its_saved_scheduler_config(tmp_path):
+    """A v-prediction checkpoint saved with ``scheduler/`` samples as its pipeline would, not with the
+    class defaults (epsilon): same latents as the zoo model it was copied from."""
+    from specdist.sampling import initial_noise, sample_full
+
+    zoo = load_model("dit-shapes", device="cpu")
+    bare = tmp_path / "dit"
+    zoo.transformer.save_pretrained(bare)
+    zoo.scheduler.save_pretrained(bare / "scheduler")
+    bundle = load_model(str(bare), device="cpu")  # no `scheduler` needed: it is saved beside the weights
+    assert bundle.source == "transformer" and type(bundle.scheduler) is type(zoo.scheduler)
+    assert bundle.scheduler.config.prediction_type == "v_prediction"
+    cond = zoo.encode([], ["circle"], 1.0, 0)
+    noise = initial_noise(zoo.latent_shape(None, None, None), [0])
+    ref = sample_full(zoo.transformer, zoo.adapter, zoo.scheduler, cond, noise, 4, progress=False)
+    got = sample_full(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, 4, progress=False)
+    assert torch.equal(ref.latents, got.latents)
+    # the saved config beside the weights (no subfolder) is found too; the job may override its keys
+    (bare / "scheduler" / "scheduler_config.json").rename(bare / "scheduler_config.json")
+    eps = load_model(str(bare), device="cpu", scheduler_config={"prediction_type": "epsilon"})
+    assert eps.scheduler.config.prediction_type == "epsilon" and eps.scheduler.config.timestep_spacing == "trailing"
+    wrong = sample_full(eps.transformer, eps.adapter, eps.scheduler, cond, noise, 4, progress=False)
+    assert not torch.equal(ref.latents, wrong.latents)
+
+
+def test_scheduler_swap_and_bad_scheduler_keys():
+    from diffusers import DDPMScheduler
+
+    bundle = load_model("dit-shapes", device="cpu", scheduler="DDPMScheduler")
+    assert isinstance(bundle.scheduler, DDPMScheduler)
+    assert bundle.scheduler.config.prediction_type == "v_prediction"  # the model's own keys carry over
+    with pytest.raises(ConfigError, match=r"unknown config key 'scheduler_config.bogus' for DDIMScheduler \(allowed: "):
+        load_model("dit-shapes", device="cpu", scheduler_config={"bogus": 1})
+    with pytest.raises(ConfigError, match="invalid value for 'scheduler': 'Foo'"):
+        load_model("dit-shapes", device="cpu", scheduler="Foo")

@@ -60,6 +60,7 @@ class WorkerSpec:
     device: str
     dtype: str
     scheduler: str | None
+    scheduler_config: dict[str, Any]
     prompts: tuple[str, ...]
     labels: tuple[str, ...]
     guidance: float

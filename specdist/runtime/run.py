@@ -25,6 +25,7 @@ def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float
     rt: RuntimeConfig = cfg.runtime
     return WorkerSpec(
         model=cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+        scheduler_config=dict(cfg.scheduler_config),
         prompts=tuple(prompts), labels=tuple(labels), guidance=guidance, seed=cfg.seed, steps=cfg.steps,
         method=cfg.method, cache=dataclasses.asdict(cfg.cache), peer=dataclasses.asdict(cfg.peer),
         threads=rt.threads_per_worker, emulate_step_s=rt.emulate_step_s,

@@ -79,7 +79,8 @@ class StepWorker:
         from ..loading import load_model
 
         torch.set_num_threads(spec.threads)
-        bundle = load_model(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler)
+        bundle = load_model(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler,
+                            scheduler_config=dict(spec.scheduler_config))
         return cls(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
 
     def close(self) -> None:
