@@ -1,4 +1,4 @@
-"""Command-line interface: ``specdist generate | models | info``.
+"""Command-line interface: ``specdist generate | calibrate | models | info | bench``.
 
 Errors that come from bad input (config keys and values, model paths) end in one line on stderr
 and exit status 2, never a traceback.
@@ -65,6 +65,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibration_for
+    from .config import load_config
+    from .engine.decision import make_rule
+    from .loading import load_model
+
+    overrides = list(args.set or [])
+    if args.refresh:
+        overrides.append("cache.calibration=refresh")
+    cfg = load_config(args.config, [*overrides, "method=speca"])
+    if not cfg.cache.uses_target:
+        from .errors import ConfigError
+
+        raise ConfigError("invalid value for 'cache.tau0': a threshold schedule needs no calibration "
+                          "(set cache.tau0: null to calibrate for a quality target)")
+    log = (lambda _m: None) if args.quiet else print
+    bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                        scheduler_config=cfg.scheduler_config)
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else bundle.default_guidance
+    shape = bundle.latent_shape(cfg.height, cfg.width, cfg.frames)
+    cal, info = calibration_for(bundle, cfg.cache, cfg.steps, shape, guidance, log=log, progress=not args.quiet)
+    rule = make_rule("speca", cfg.cache, cfg.steps, 1, calibration=cal)
+    summary = {**info.as_dict(), "target_psnr_db": cfg.cache.effective_target_psnr_db, "growth": cal.growth,
+               "spec_cost": cal.spec_cost, "shadow_psnr_db": cal.meta.get("shadow_psnr_db"),
+               "step_allowance_rms": rule.cap}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        state = "reused" if info.reused else f"computed in {info.cost_s:.1f} s"
+        print(f"calibration {info.key} ({state}): {info.path}")
+        print(f"  {bundle.name}, {cfg.steps} steps, {cfg.cache.granularity} granularity, {info.samples} samples; "
+              f"target {cfg.cache.effective_target_psnr_db:g} dB -> step allowance {rule.cap:.3g} (RMS)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
     from .config import load_config
@@ -93,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, CUDA and GPUs (via NVML)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_info)
+    cal = sub.add_parser("calibrate", help="calibrate speca's quality target for a model and setting (cached)")
+    cal.add_argument("--config", default=None, help="YAML config (the job's model, steps, size, guidance, cache.*)")
+    cal.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, repeatable")
+    cal.add_argument("--refresh", action="store_true", help="recompute even when a cached calibration exists")
+    cal.add_argument("--json", action="store_true")
+    cal.add_argument("--quiet", action="store_true")
+    cal.set_defaults(func=_cmd_calibrate)
     bench = sub.add_parser("bench", help="speed-quality benchmark of every method (tables + plots)")
     bench.add_argument("--config", default="configs/bench.yaml", help="YAML bench config")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a bench config key")

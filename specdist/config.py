@@ -22,7 +22,7 @@ import yaml
 
 from .engine.config import CACHE_METHODS, PEER_METHODS, CacheConfig, PeerConfig
 from .errors import ConfigError
-from .runtime.config import LATENCY_METHODS, RuntimeConfig
+from .runtime.config import LATENCY_METHODS, RuntimeConfig, check_latency_cache
 from .errors import check_value as _check
 
 METHODS = ("full", *CACHE_METHODS, *PEER_METHODS)
@@ -108,6 +108,7 @@ class GenerateConfig:
             value = getattr(self, key)
             _check(value is None or value >= 1, f"{prefix}{key}", value, "an integer >= 1 or null")
         self.cache.validate(f"{prefix}cache.")
+        self.cache.validate_for(self.method, f"{prefix}cache.")
         self.peer.validate(f"{prefix}peer.")
         self.output.validate(f"{prefix}output.")
         self.runtime.validate(f"{prefix}runtime.")
@@ -115,6 +116,8 @@ class GenerateConfig:
             _check(self.method in LATENCY_METHODS, f"{prefix}method", self.method,
                    f"one of {list(LATENCY_METHODS)} with runtime.mode=latency (other methods: runtime.mode=throughput "
                    f"or runtime.backend=none)")
+            if self.method == "speca":
+                check_latency_cache(self.cache, f"{prefix}cache.")
 
     @property
     def effective_batch_size(self) -> int:

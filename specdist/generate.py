@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from . import media
 from .config import GenerateConfig, config_to_dict
 from .engine.config import PEER_METHODS
+from .calibrate import calibration_for
 from .engine.accounting import summarize
 from .engine.speculative import CacheStats
 from .env import environment
@@ -73,6 +74,10 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
         out["reference"] = reference_quality(references, latents, pixels, bundle)
         out["reference"]["speedup_wall"] = out["reference"]["full_wall_s"] / max(sum(r.wall_s for r in results), 1e-9)
         out["reference"]["speedup_nfe"] = cfg.steps / out["nfe_with_overhead"]
+        if cfg.method == "speca" and cfg.cache.uses_target:
+            worst = out["reference"]["pixels"]["psnr_db"]["worst"] if out["reference"]["pixels"] else None
+            out["quality_target"] = {"target_psnr_db": cfg.cache.effective_target_psnr_db, "worst_psnr_db": worst,
+                                     "met": worst is not None and (worst == "inf" or worst >= cfg.cache.effective_target_psnr_db)}
         overhead = out.get("verification_overhead")
         if overhead is not None:
             overhead["speculative_time_fraction_of_full_inference"] = (
@@ -95,13 +100,14 @@ def reference_quality(references: list, latents: torch.Tensor, pixels: torch.Ten
 
 def _run_distributed(cfg: GenerateConfig, bundle: ModelBundle, shape: tuple[int, ...], prompts: list[str],
                      labels: list[str], guidance: float, seeds: list[int], progress: bool,
-                     log: Callable[[str], None]) -> tuple[list, list, tuple, dict]:
+                     log: Callable[[str], None], calibration: Any = None) -> tuple[list, list, tuple, dict]:
     from .runtime.report import runtime_report
     from .runtime.run import run_distributed, worker_spec
     from .runtime.worker import encode_all
 
     noise = initial_noise(shape, seeds)
-    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=progress, log=log)
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=progress, log=log,
+                          calibration=calibration)
     result = SampleResult(latents=run.latents, nfe=sum(run.nfe) / len(run.nfe), wall_s=run.stats.wall_s)
     cond = encode_all(bundle, worker_spec(cfg, prompts, labels, guidance))
     tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
@@ -179,10 +185,14 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
     log(f"specdist: {bundle.name} ({bundle.adapter.model_class}), {cfg.num_samples} samples x {cfg.steps} steps, "
         f"method={cfg.method}, device={bundle.device}")
     results, references, tokens, runtime = [], [], None, {}
+    calibration, calibration_info = None, None
+    if cfg.method == "speca" and cfg.cache.uses_target:
+        calibration, calibration_info = calibration_for(bundle, cfg.cache, cfg.steps, shape, guidance, log=log,
+                                                        progress=progress)
     with GpuTelemetry() as telemetry:
         if rt.distributed:
             results, references, tokens, runtime = _run_distributed(cfg, bundle, shape, prompts, labels, guidance,
-                                                                     seeds, progress, log)
+                                                                     seeds, progress, log, calibration)
         for k, idx in enumerate([] if rt.distributed else batches):
             cond = bundle.encode([prompts[i] for i in idx] if prompts else [""] * len(idx),
                                  [labels[i] for i in idx] if labels else [], guidance, cfg.seed)
@@ -190,7 +200,7 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
             noise = initial_noise(shape, [seeds[i] for i in idx])
             run = dict(progress=progress, desc=f"batch {k + 1}/{len(batches)} {cfg.method}")
             args = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, cfg.steps)
-            results.append(run_method(cfg.method, *args, cache=cfg.cache, peer=cfg.peer, **run))
+            results.append(run_method(cfg.method, *args, cache=cfg.cache, peer=cfg.peer, calibration=calibration, **run))
             if cfg.method != "full" and cfg.reference:
                 run["desc"] = f"batch {k + 1}/{len(batches)} full (reference)"
                 references.append(run_method("full", *args, **run))
@@ -204,6 +214,8 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
         caching = cache_report(cfg, results, references, flops, latents, pixels, bundle)
     else:
         caching = {"reference": reference_quality(references, latents, pixels, bundle)} if references else {}
+    if calibration_info is not None:
+        caching["calibration"] = calibration_info.as_dict()
     nfe_eff = caching.get("nfe_with_overhead", nfe)
     report = {
         "model": bundle.name,

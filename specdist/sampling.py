@@ -47,6 +47,21 @@ def fresh_scheduler(scheduler: Any) -> Any:
     return copy.deepcopy(scheduler)
 
 
+def snapshot(scheduler: Any) -> Any:
+    """A copy of ``scheduler`` that a later ``step`` on either side does not affect.
+
+    diffusers schedulers advance by rebinding attributes (``_step_index``, ``sample``, …) and by
+    assigning into lists (multistep ``model_outputs``); their tensors (timesteps, sigmas, alphas)
+    are never written in place. So a shallow copy with fresh containers is a full snapshot, at a
+    fraction of ``deepcopy``'s cost (which copies every schedule tensor).
+    """
+    new = copy.copy(scheduler)
+    for key, value in vars(scheduler).items():
+        if isinstance(value, (list, dict)):
+            setattr(new, key, copy.copy(value))
+    return new
+
+
 def init_latents(scheduler: Any, noise: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Initial float32 latents: ``noise`` scaled by the scheduler's ``init_noise_sigma`` (if any)."""
     return noise.to(device=device, dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)

@@ -19,3 +19,17 @@ def repo_root() -> Path:
 def _run_from_repo_root(monkeypatch, repo_root):
     """Tests name configs by their repo-relative path, as a user would from a checkout."""
     monkeypatch.chdir(repo_root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory):
+    """Calibrations go to a fresh directory, never the user's ~/.cache/specdist."""
+    import os
+
+    before = os.environ.get("SPECDIST_CACHE_DIR")
+    os.environ["SPECDIST_CACHE_DIR"] = str(tmp_path_factory.mktemp("specdist-cache"))
+    yield
+    if before is None:
+        os.environ.pop("SPECDIST_CACHE_DIR", None)
+    else:
+        os.environ["SPECDIST_CACHE_DIR"] = before

@@ -9,7 +9,7 @@ import torch
 from specdist.config import load_config
 from specdist.generate import job_inputs
 from specdist.loading import load_model
-from specdist.runtime.jobs import Job, dtype_name
+from specdist.runtime.coordinator import job_for
 from specdist.runtime.rule import run_sequential
 from specdist.runtime.run import build_trajectories, worker_spec
 from specdist.runtime.worker import StepWorker, encode_all
@@ -17,7 +17,7 @@ from specdist.sampling import initial_noise
 
 STEPS = 10
 BASE = ["model=dit-shapes", f"steps={STEPS}", "num_samples=2", "method=speca", "cache.tau0=0.12", "cache.beta=1.0",
-        "cache.warmup=2", "runtime.lookahead=4"]
+        "cache.warmup=2", "cache.granularity=block", "runtime.lookahead=4"]
 
 
 def job(*overrides: str):
@@ -34,13 +34,14 @@ def sequential(cfg, bundle, prompts, labels, guidance, noise) -> torch.Tensor:
     """The single-process engine: the rule, one reference output at a time."""
     spec = worker_spec(cfg, prompts, labels, guidance)
     worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
-    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)
+    rows = 2 if guidance > 1.0 else 1
+    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32, rows)
     try:
         outs = []
         for i, t in enumerate(trajs):
-            def compute(step, x_in, i=i, t=t):
-                ts = t.timestep(step)
-                return worker.run(Job(0, "step", i, step, float(ts), dtype_name(ts.dtype)), x_in, threading.Event()).output
+            def compute(request, i=i, t=t):
+                r = worker.run(job_for(request, 0, i, t), request.tensors, threading.Event())
+                return r.output, r.features, r.meta
             outs.append(run_sequential(t, compute))
         return torch.cat(outs)
     finally:

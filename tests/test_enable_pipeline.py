@@ -166,10 +166,12 @@ def test_errors_are_one_clear_line():
         specdist.enable(pipe, "speca", CacheConfig(max_run=0))
     with pytest.raises(SpecdistError, match="probe_block 5 out of range"):
         specdist.enable(pipe, "speca", CacheConfig(probe_block=5))
-    assert no_hooks_left(pipe)
-    specdist.enable(pipe)
-    with pytest.raises(SpecdistError, match="already enabled"):
+    with pytest.raises(SpecdistError, match="quality target needs calibration="):  # the default: a target
         specdist.enable(pipe)
+    assert no_hooks_left(pipe)
+    specdist.enable(pipe, "speca", ACCEPT_ALL)
+    with pytest.raises(SpecdistError, match="already enabled"):
+        specdist.enable(pipe, "speca", ACCEPT_ALL)
     with pytest.raises(SpecdistError, match="cache_context"):  # a call outside the pipeline's loop
         pipe.transformer(hidden_states=torch.zeros(1, 16, 16))
     specdist.disable(pipe)

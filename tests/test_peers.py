@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import FirstBlockCacheConfig
 
+from specdist.engine.calibration import run_calibration
 from specdist.engine.config import CacheConfig
 from specdist.engine.peers import PEER_METHODS, PeerConfig, calibrate_magcache, sample_with_peer
 from specdist.engine.speculative import sample_cached
@@ -56,8 +57,9 @@ def tiny(request):
     noise = initial_noise(shape, [0, 1])
     ref = sample_full(model, adapter, sched, cond, noise, STEPS, progress=False)  # before any method
     calibrations: dict = {}
+    cal = run_calibration(model, adapter, sched, cond, noise, STEPS, CacheConfig(), progress=False)  # speca's target
     run = lambda method, cfg: (
-        sample_cached(model, adapter, sched, cond, noise, STEPS, method, cfg, progress=False)
+        sample_cached(model, adapter, sched, cond, noise, STEPS, method, cfg, progress=False, calibration=cal)
         if isinstance(cfg, CacheConfig)
         else sample_with_peer(model, adapter, sched, cond, noise, STEPS, method, cfg, progress=False,
                               calibrations=calibrations))

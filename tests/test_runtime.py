@@ -12,7 +12,7 @@ import torch
 from specdist.config import load_config
 from specdist.errors import ConfigError, SpecdistError
 from specdist.report import output_sha256
-from specdist.runtime.coordinator import Coordinator
+from specdist.runtime.coordinator import Coordinator, job_for
 from specdist.runtime.jobs import Job, dtype_name
 from specdist.runtime.pool import LocalPool
 from specdist.runtime.run import build_trajectories, run_distributed, worker_spec
@@ -54,15 +54,13 @@ def test_rule_is_independent_of_result_order(reference):
     rng = random.Random(0)
     outs = []
     try:
-        for i, t in enumerate(build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)):
+        for i, t in enumerate(build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32, 2)):
             while not t.done:
                 window, wanted = t.window_id, t.wanted()
                 rng.shuffle(wanted)
-                for step, x_in in wanted:
-                    ts = t.timestep(step)
-                    r = worker.run(Job(0, "step", i, step, float(ts), dtype_name(ts.dtype)), x_in,
-                                   threading.Event())
-                    t.deliver(window, step, r.output)
+                for request in wanted:
+                    r = worker.run(job_for(request, 0, i, t), request.tensors, threading.Event())
+                    t.deliver(request, r.output, r.features, r.meta)
                     if t.window_id != window:
                         break
             outs.append(t.final)

@@ -54,4 +54,5 @@ def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block
         "cache_bytes": stats.cache_bytes,
         "cache_order": stats.effective_order,
         **({"cached_blocks": stats.extra["cached_blocks"]} if "cached_blocks" in stats.extra else {}),
+        **({"rule": stats.rule} if stats.rule else {}),
     }

@@ -7,9 +7,11 @@ Methods (``method`` key of the job):
 * ``fora`` — FORA: reuse the last full step's features for ``interval − 1`` steps, no checks.
 * ``taylorseer`` — TaylorSeer: Taylor forecast of order ``order`` over full steps, full every
   ``interval`` steps, no checks.
-* ``speca`` — SpeCa forecast-then-verify: Taylor forecast, a one-block probe checks each forecast
-  against ``τ(p) = max(τ0·β^p, τ_min)``; a rejected step is recomputed fully at the same state
-  (true rollback), per sample.
+* ``speca`` — SpeCa forecast-then-verify: Taylor forecast, a one-block probe checks each forecast;
+  a rejected step is recomputed fully at the same state (true rollback), per sample. By default
+  the check serves a quality target (``target_psnr_db``, calibrated per model,
+  :mod:`specdist.engine.target`); ``tau0`` selects a raw threshold schedule
+  ``τ(p) = max(τ0·β^p, τ_min)`` instead (expert override).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TIME_UNITS = ("index", "timestep")
 GRANULARITIES = ("probe", "output", "block")
 METRICS = ("rel_l1", "rel_l2", "cosine")
+CALIBRATION_MODES = ("auto", "refresh")
+DEFAULT_TARGET_PSNR_DB = 35.0
+"""speca's quality target when neither ``cache.target_psnr_db`` nor ``cache.tau0`` is set."""
 
 
 @dataclass(kw_only=True)
@@ -54,13 +59,27 @@ class CacheConfig:
     """speca: the block run for real to verify a forecast (negative counts from the end)."""
     metric: str = "rel_l2"
     """speca: forecast error: ``rel_l1`` (SpeCa code), ``rel_l2`` (SpeCa paper) or ``cosine``."""
-    tau0: float = 0.1
-    """speca: threshold at progress 0."""
-    beta: float = 0.1
-    """speca: threshold change over the trajectory, τ(p) = max(τ0·β^p, τ_min): β < 1 tightens the
+    target_psnr_db: float | None = None
+    """speca: the quality you want — the PSNR (dB) of each sample's output against the full-compute
+    output of the same seed. A training-free calibration of the model (two full generations,
+    cached on disk; :mod:`specdist.engine.calibration`) turns it into per-step decisions
+    (:mod:`specdist.engine.target`). ``null`` with no ``tau0`` means the default,
+    :data:`DEFAULT_TARGET_PSNR_DB`; set ``tau0`` instead for a raw threshold schedule."""
+    calibration: str = "auto"
+    """speca with a quality target: ``auto`` reuses the calibration cached for this model and
+    setting (under ``$SPECDIST_CACHE_DIR``, default ``~/.cache/specdist``) or runs and caches it;
+    ``refresh`` always recomputes it."""
+    calibration_samples: int = 4
+    """speca with a quality target: samples of the calibration run (seeds 1000…, the model's
+    default conditioning); its cost is two full generations of these samples."""
+    tau0: float | None = None
+    """speca, expert override of the quality target: threshold on the probe's error at progress 0
+    (τ(p) = max(τ0·β^p, τ_min)); setting it selects the threshold schedule."""
+    beta: float | None = None
+    """speca with ``tau0``: threshold change over the trajectory (default 0.1): β < 1 tightens the
     check towards the end (SpeCa's schedule), β > 1 loosens it (strict while the layout forms)."""
-    tau_min: float = 0.0
-    """speca: threshold floor."""
+    tau_min: float | None = None
+    """speca with ``tau0``: threshold floor (default 0)."""
     warmup: int = 3
     """All methods: leading steps always computed fully."""
     full_steps: list[int] = field(default_factory=list)
@@ -78,6 +97,36 @@ class CacheConfig:
     (one hidden state: 730 MB in bf16): ``probe`` order 1 with guidance takes ≈ 6 GB; ``block``
     order 1 without CFG keeps the last 10 single-stream blocks' branches (+ one entry stream)."""
 
+    @property
+    def uses_target(self) -> bool:
+        """Whether ``speca`` runs to a quality target (the default) rather than a τ schedule."""
+        return self.tau0 is None
+
+    @property
+    def effective_target_psnr_db(self) -> float:
+        """The quality target speca runs to (the configured one, else the default)."""
+        return DEFAULT_TARGET_PSNR_DB if self.target_psnr_db is None else self.target_psnr_db
+
+    def threshold_schedule(self) -> tuple[float, float, float]:
+        """``(τ0, β, τ_min)`` of the threshold schedule (only with ``tau0`` set)."""
+        if self.tau0 is None:
+            raise ValueError("no threshold schedule: cache.tau0 is not set (speca runs to a quality target)")
+        return self.tau0, 0.1 if self.beta is None else self.beta, 0.0 if self.tau_min is None else self.tau_min
+
+    def validate_for(self, method: str, prefix: str = "cache.") -> None:
+        """Refuse the fields that do not apply to ``method`` (one line naming the field)."""
+        if method in ("fora", "taylorseer"):
+            for key in ("target_psnr_db", "tau0", "beta", "tau_min"):
+                _check(getattr(self, key) is None, f"{prefix}{key}", getattr(self, key),
+                       f"null with method={method} (a fixed-interval method has no check; it applies to speca)")
+        if method == "speca" and self.tau0 is not None:
+            _check(self.target_psnr_db is None, f"{prefix}target_psnr_db", self.target_psnr_db,
+                   f"null when {prefix}tau0 is set (tau0 selects a threshold schedule instead of a quality target)")
+        if method == "speca" and self.tau0 is None:
+            for key in ("beta", "tau_min"):
+                _check(getattr(self, key) is None, f"{prefix}{key}", getattr(self, key),
+                       f"null unless {prefix}tau0 is set (a quality target derives its own thresholds)")
+
     def validate(self, prefix: str = "cache.") -> None:
         _check(0 <= self.order <= 6, f"{prefix}order", self.order, "an integer 0..6")
         _check(self.time in TIME_UNITS, f"{prefix}time", self.time, f"one of {list(TIME_UNITS)}")
@@ -85,9 +134,15 @@ class CacheConfig:
         _check(self.granularity in GRANULARITIES, f"{prefix}granularity", self.granularity,
                f"one of {list(GRANULARITIES)}")
         _check(self.metric in METRICS, f"{prefix}metric", self.metric, f"one of {list(METRICS)}")
-        _check(self.tau0 >= 0, f"{prefix}tau0", self.tau0, "a number >= 0")
-        _check(0 < self.beta <= 100, f"{prefix}beta", self.beta, "a number in (0, 100]")
-        _check(self.tau_min >= 0, f"{prefix}tau_min", self.tau_min, "a number >= 0")
+        _check(self.tau0 is None or self.tau0 >= 0, f"{prefix}tau0", self.tau0, "null or a number >= 0")
+        _check(self.beta is None or 0 < self.beta <= 100, f"{prefix}beta", self.beta, "null or a number in (0, 100]")
+        _check(self.tau_min is None or self.tau_min >= 0, f"{prefix}tau_min", self.tau_min, "null or a number >= 0")
+        _check(self.target_psnr_db is None or 10.0 <= self.target_psnr_db <= 80.0, f"{prefix}target_psnr_db",
+               self.target_psnr_db, "null or a PSNR in dB between 10 and 80")
+        _check(self.calibration in CALIBRATION_MODES, f"{prefix}calibration", self.calibration,
+               f"one of {list(CALIBRATION_MODES)}")
+        _check(1 <= self.calibration_samples <= 64, f"{prefix}calibration_samples", self.calibration_samples,
+               "an integer 1..64")
         _check(self.warmup >= 1, f"{prefix}warmup", self.warmup, "an integer >= 1 (the cache needs a full step)")
         _check(self.min_run >= 0, f"{prefix}min_run", self.min_run, "an integer >= 0")
         _check(self.max_run >= max(1, self.min_run), f"{prefix}max_run", self.max_run,

@@ -37,6 +37,7 @@ Features are tuples of tensors, each ``[rows, ...]``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,14 @@ def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
 
 def _row_bytes(tensors: tuple[torch.Tensor, ...]) -> int:
     return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def region_bytes(sizes: dict[str, int], start: int) -> int:
+    """Bytes per row of the block-level features cached from block ``start`` on: its input
+    streams (when ``start > 0``) and every later block's branches, from a ``measure`` call's
+    ``sizes`` (keys ``input.<k>`` and ``branch.<k>.<name>``)."""
+    entry = sizes[f"input.{start}"] if start > 0 else 0
+    return entry + sum(v for k, v in sizes.items() if k.startswith("branch.") and int(k.split(".")[1]) >= start)
 
 
 def branch_key(block: int, name: str) -> str:
@@ -206,7 +215,7 @@ class SpeculationHooks:
         self.probe = probe_block % n
         self.last = n - 1
         self.block_level = granularity == "block"
-        self.current = CallPlan()
+        self._plans = threading.local()  # one plan per calling thread: the hooks are reentrant
         self._hooked: list[nn.Module] = []
         self.branches: list[tuple[str, ...]] = []
         for i, block in enumerate(blocks):
@@ -246,13 +255,20 @@ class SpeculationHooks:
     def region_bytes(self, sizes: dict[str, int], start: int) -> int:
         """Bytes per row of the features cached when the region starts at block ``start``
         (from a ``measure`` call's ``sizes``)."""
-        entry = sizes[f"input.{start}"] if start > 0 else 0
-        return entry + sum(sizes[name] for name in self.feature_names(start) if name != "entry_in")
+        return region_bytes(sizes, start)
+
+    @property
+    def current(self) -> CallPlan:
+        """The calling thread's plan (``off`` until :meth:`plan` is called on this thread)."""
+        plan = getattr(self._plans, "plan", None)
+        if plan is None:
+            plan = self._plans.plan = CallPlan()
+        return plan
 
     def plan(self, mode: str, verify: bool = True, forecast: dict | None = None, start: int = 0) -> CallPlan:
-        """Set what the next model call does; returns the plan the hooks will fill."""
-        self.current = CallPlan(mode=mode, verify=verify, start=start, forecast=forecast or {})
-        return self.current
+        """Set what this thread's next model call does; returns the plan the hooks will fill."""
+        self._plans.plan = CallPlan(mode=mode, verify=verify, start=start, forecast=forecast or {})
+        return self._plans.plan
 
     def remove(self) -> None:
         """Detach every hook."""
@@ -260,4 +276,4 @@ class SpeculationHooks:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
         self._hooked = []
-        self.current = CallPlan()
+        self._plans = threading.local()

@@ -60,7 +60,9 @@ from ..models import adapter_for
 from ..models.base import ModelAdapter
 from .config import CACHE_METHODS, CacheConfig
 from .hooks import SpeculationHooks
-from .speculative import CacheStats, SpeculativeStepper, forecaster_time
+from .calibration import Calibration
+from .decision import forecaster_time, make_rule
+from .speculative import CacheStats, SpeculativeStepper
 
 HOOK_NAME = "specdist_pipeline"
 SUPPORTED = ("FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
@@ -132,10 +134,11 @@ class _PipelineHook(ModelHook):
     _is_stateful = True
 
     def __init__(self, pipe: Any, adapter: ModelAdapter, blocks: SpeculationHooks, method: str,
-                 cfg: CacheConfig) -> None:
+                 cfg: CacheConfig, calibration: Calibration | None = None) -> None:
         super().__init__()
         self._pipe = weakref.ref(pipe)  # the scheduler is read at call time (users may swap it)
         self.adapter, self.blocks, self.method, self.cfg = adapter, blocks, method, cfg
+        self.calibration = calibration
         self.generations = _Generations()
         self.finished: dict[str, CacheStats] = {}  # per context, the generation before the last reset
         self.params: tuple[str, ...] = ()
@@ -177,7 +180,11 @@ class _PipelineHook(ModelHook):
         batch = kwargs["hidden_states"].shape[0]
         stepper = generation.stepper
         if stepper is None or step <= generation.last_step or stepper.samples != batch:  # a new generation
-            stepper = generation.stepper = SpeculativeStepper(self.blocks, self.method, self.cfg, batch)
+            try:
+                rule = make_rule(self.method, self.cfg, len(timesteps), batch, calibration=self.calibration)
+            except ValueError as err:  # a calibration made for another step count
+                raise SpecdistError(f"specdist: {err}") from None
+            stepper = generation.stepper = SpeculativeStepper(self.blocks, self.method, self.cfg, batch, rule=rule)
         generation.last_step = step
         out_dtype = kwargs["hidden_states"].dtype
 
@@ -199,13 +206,17 @@ def _hook(pipe: Any) -> _PipelineHook | None:
     return None if registry is None else registry.get_hook(HOOK_NAME)
 
 
-def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -> None:
+def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
+           calibration: Calibration | None = None) -> None:
     """Make ``pipe`` (a diffusers pipeline with a transformer in :data:`SUPPORTED`) speculate.
 
     Args:
         pipe: the pipeline; its ``transformer`` gets the hooks, its ``scheduler`` is read every call.
         method: ``speca`` (forecast, verify with one block, roll back), ``taylorseer`` or ``fora``.
         cache: the method's knobs (default :class:`CacheConfig`); validated here.
+        calibration: ``speca`` with a quality target (the default): the transformer's calibration
+            for the pipeline's step count and size (:func:`specdist.calibrate.calibrate_pipeline`);
+            not needed with ``cache.tau0`` (a threshold schedule).
 
     Raises:
         SpecdistError: unsupported transformer or method, invalid ``cache``, a diffusers cache
@@ -220,6 +231,7 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -
         raise SpecdistError(f"specdist.enable: unknown method {method!r} (allowed: {', '.join(CACHE_METHODS)})")
     cfg = cache if cache is not None else CacheConfig()
     cfg.validate()
+    cfg.validate_for(method)
     if _hook(pipe) is not None:
         raise SpecdistError("specdist.enable: already enabled on this pipeline (call specdist.disable(pipe) first)")
     if getattr(model, "is_cache_enabled", False):
@@ -230,8 +242,12 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -
         blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
     except (ValueError, NotImplementedError) as err:
         raise SpecdistError(f"specdist.enable: {err}") from None
+    if method == "speca" and cfg.uses_target and calibration is None:
+        blocks.remove()
+        raise SpecdistError("specdist.enable: speca with a quality target needs calibration= (see "
+                            "specdist.calibrate.calibrate_pipeline), or set cache.tau0 for a threshold schedule")
     registry = HookRegistry.check_if_exists_or_initialize(model)
-    registry.register_hook(_PipelineHook(pipe, adapter, blocks, method, cfg), HOOK_NAME)
+    registry.register_hook(_PipelineHook(pipe, adapter, blocks, method, cfg, calibration), HOOK_NAME)
     registry.invalidate_child_registries_cache()
 
 
@@ -249,9 +265,10 @@ def disable(pipe: Any) -> None:
 
 
 @contextmanager
-def enabled(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -> Iterator[None]:
+def enabled(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
+            calibration: Calibration | None = None) -> Iterator[None]:
     """``with enabled(pipe): pipe(...)`` — :func:`enable` on entry, :func:`disable` on exit."""
-    enable(pipe, method, cache)
+    enable(pipe, method, cache, calibration)
     try:
         yield
     finally:

@@ -3,7 +3,7 @@
 For each step ``i`` at time ``s_i`` and each sample ``b`` of the batch:
 
 1. If ``b`` must be computed fully (warm-up, empty cache, run too long; see
-   :mod:`~specdist.engine.policy`), skip to 3.
+   :mod:`~specdist.engine.decision`), skip to 3.
 2. *Speculate*: forecast the probe block's input streams (and its output) from ``b``'s full steps
    with the Taylor cache; run the model with every block skipped except the probe, which runs for
    real on the forecast input. Error ``e_b`` = distance(forecast probe output, true probe output).
@@ -34,10 +34,11 @@ from tqdm import tqdm
 
 from ..models.base import Conditioning, ModelAdapter
 from ..sampling import SampleResult, fresh_scheduler, init_latents, model_dtype, scale_input
+from .calibration import Calibration
 from .config import CacheConfig
 from .forecast import TaylorCache
 from .hooks import SpeculationHooks
-from .policy import must_compute_full, verification_waived
+from .decision import Rule, forecaster_time, make_rule
 from .verify import combine_rows, forecast_error, threshold
 
 
@@ -56,6 +57,7 @@ class CacheStats:
     spec_seconds: float = 0.0  # wall time of the speculative calls, each up to its decision
     probed: list[int] = field(default_factory=list)  # per sample: speculative steps the probe checked
     extra: dict = field(default_factory=dict)
+    rule: dict = field(default_factory=dict)  # the rule's summary (per-sample lists, then scalars)
 
     @staticmethod
     def concat(parts: list["CacheStats"]) -> "CacheStats":
@@ -71,6 +73,8 @@ class CacheStats:
             spec_seconds=sum(p.spec_seconds for p in parts),
             probed=[n for p in parts for n in p.probed],
             extra={k: min(p.extra[k] for p in parts) for k in parts[0].extra},
+            rule={k: ([x for p in parts for x in p.rule[k]] if isinstance(v, list) else v)
+                  for k, v in parts[0].rule.items()},
         )
 
     def per_sample(self) -> list[dict]:
@@ -148,11 +152,10 @@ class SpeculativeStepper:
     """
 
     def __init__(self, hooks: SpeculationHooks, method: str, cfg: CacheConfig, samples: int, branches: int = 1, *,
-                 threshold_fn: Callable[[int], float] | None = None, cache_cls: type[TaylorCache] = TaylorCache) -> None:
-        self.hooks, self.method, self.cfg = hooks, method, cfg
-        self.verify = method == "speca"
+                 rule: Rule, cache_cls: type[TaylorCache] = TaylorCache) -> None:
+        self.hooks, self.method, self.cfg, self.rule = hooks, method, cfg, rule
+        self.verify = rule.verify
         self.samples, self.branches = samples, branches
-        self.threshold_fn = threshold_fn
         self.cache_cls = cache_cls
         self.cache: TaylorCache | None = None  # probe features: rows = samples x branches
         self.out_cache: TaylorCache | None = None  # lite: the (guided) call output, rows = samples
@@ -227,9 +230,10 @@ class SpeculativeStepper:
         b = self.samples
         return cache.ready(torch.arange(b)) if cache is not None else torch.zeros(b, dtype=torch.bool)
 
-    def _speculate(self, group: torch.Tensor, time: float, verify: bool,
-                   call: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One speculative call for the samples ``group``: (output, per-sample probe error or NaN)."""
+    def speculate(self, group: torch.Tensor, time: float, verify: bool,
+                  call: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One speculative call for the samples ``group`` (they must be :meth:`ready`): (output,
+        per-sample verifier error, NaN without ``verify``)."""
         forecast = self._forecast(group, time)
         if self.uses_probe and (verify or not self.lite):
             plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start)
@@ -245,69 +249,84 @@ class SpeculativeStepper:
         return o, combine_rows(forecast_error(pred, true, self.cfg.metric), len(group))
 
     def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Model output ``[samples, ...]`` for step ``i`` of ``steps`` at forecaster time ``time``."""
-        cfg, b, stats = self.cfg, self.samples, self.stats
-        tau = None
-        if self.verify:
-            tau = self.threshold_fn(i) if self.threshold_fn else threshold(i / max(steps - 1, 1), cfg.tau0, cfg.beta,
-                                                                            cfg.tau_min)
-        stats.thresholds.append(tau)
-        full = must_compute_full(self.method, cfg, i, steps, self.run_len, self._ready())
+        """Model output ``[samples, ...]`` for step ``i`` of ``steps`` at forecaster time ``time``.
+
+        The decisions are the rule's (:mod:`~specdist.engine.decision`): who computes fully, who
+        speculates with or without the check, which forecasts are accepted; a rejected forecast is
+        recomputed fully at the same state (rollback)."""
+        rule, b, stats = self.rule, self.samples, self.stats
+        stats.thresholds.append(rule.threshold(i) if self.verify else None)
+        full = rule.must_compute(i, self.run_len, self._ready())
         errors: list[float | None] = [None] * b
         out = None
         spec = (~full).nonzero().flatten()
         if len(spec):
-            began = time_module.perf_counter()
-            # min_run waives the check: those samples speculate without the probe (their own call, so a
-            # sample's output never depends on whether a batch mate needed the probe).
-            waived = verification_waived(cfg, self.run_len[spec]) if self.verify else torch.ones(len(spec), dtype=torch.bool)
-            parts = [(spec[m], m.nonzero().flatten(), v) for m, v in ((~waived, True), (waived, False)) if m.any()]
-            results = [self._speculate(group, time, verify, call) for group, _, verify in parts]
-            where = torch.cat([pos for _, pos, _ in parts])
-            back = torch.argsort(where)
-            o = torch.cat([r[0] for r in results])[back.to(results[0][0].device)]
-            err = torch.cat([r[1] for r in results])[back.to(results[0][1].device)]
-            ok = torch.isfinite(o.flatten(1)).all(dim=1)
-            if self.verify:
-                ok = ok & (waived.to(err.device) | (err < tau))
-            host = torch.stack([ok.float(), err]).cpu()  # the step's one host synchronisation
-            stats.spec_seconds += time_module.perf_counter() - began
-            accept = host[0].bool()
-            for j, sample in enumerate(spec.tolist()):
-                errors[sample] = None if waived[j] else float(host[1, j])
-                stats.probed[sample] += int(not waived[j])
-                stats.decisions[sample].append("A" if accept[j] else "R")
-            out = o.new_empty((b, *o.shape[1:]))
-            acc = spec[accept]
-            out[acc.to(o.device)] = o[accept.to(o.device)]
-            self.run_len[acc] += 1
-            full[spec[~accept]] = True
+            out = self._speculative_step(i, time, spec, full, errors, call)
         redo = full.nonzero().flatten()
         for sample in redo.tolist():
             if len(stats.decisions[sample]) == i:
                 stats.decisions[sample].append("F")
         if len(redo):
-            mode = "record" if self.sized else "measure"
-            plan = self.hooks.plan(mode if self.uses_probe else "off", start=self.start)
-            o = call(redo)
-            stats.full_calls += 1
-            if mode == "measure":
-                self._size_region(plan.sizes)
-            else:
-                self._record(redo, time, plan.recorded, o)
+            o = self.compute_full(redo, time, call)
             if out is None:
                 out = o.new_empty((b, *o.shape[1:]))
             out[redo.to(o.device)] = o
             self.run_len[redo] = 0
+            rule.observe_full(redo)
         for sample in range(b):
             stats.errors[sample].append(errors[sample])
         self.hooks.plan("off")
         return out
 
+    def _speculative_step(self, i: int, time: float, spec: torch.Tensor, full: torch.Tensor,
+                          errors: list[float | None], call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Speculate for ``spec``; marks rejected samples in ``full``; returns the output buffer
+        holding the accepted forecasts."""
+        rule, stats, run_len = self.rule, self.stats, self.run_len[spec]
+        began = time_module.perf_counter()
+        # waived checks speculate without the probe, in their own call: a sample's output never
+        # depends on whether a batch mate needed the probe
+        waived = rule.waive(i, spec, run_len) if self.verify else torch.ones(len(spec), dtype=torch.bool)
+        parts = [(spec[m], v) for m, v in ((~waived, True), (waived, False)) if m.any()]
+        results = [self.speculate(group, time, verify, call) for group, verify in parts]
+        where = torch.cat([(~waived).nonzero().flatten(), waived.nonzero().flatten()])
+        back = torch.argsort(where)
+        o = torch.cat([r[0] for r in results])[back.to(results[0][0].device)]
+        err = torch.cat([r[1] for r in results])[back.to(results[0][1].device)]
+        finite = torch.isfinite(o.flatten(1)).all(dim=1)
+        host = torch.stack([finite.float(), err.float()]).cpu()  # the step's one host synchronisation
+        stats.spec_seconds += time_module.perf_counter() - began
+        ok = host[0].bool()
+        err_host = torch.where(ok, host[1], torch.full_like(host[1], float("inf")))
+        waived = waived & ok
+        accept = ok & rule.accept(i, spec, torch.where(waived, torch.full_like(err_host, float("nan")), err_host),
+                                  waived, run_len)
+        for j, sample in enumerate(spec.tolist()):
+            errors[sample] = None if waived[j] else float(host[1, j])
+            stats.probed[sample] += int(self.verify and not waived[j])
+            stats.decisions[sample].append("A" if accept[j] else "R")
+        out = o.new_empty((self.samples, *o.shape[1:]))
+        acc = spec[accept]
+        out[acc.to(o.device)] = o[accept.to(o.device)]
+        self.run_len[acc] += 1
+        full[spec[~accept]] = True
+        return out
 
-def forecaster_time(cfg: CacheConfig, step: int, timestep: torch.Tensor | float, num_train_timesteps: float) -> float:
-    """The forecaster's time of a step: its index, or the scheduler's time ``t / num_train_timesteps``."""
-    return float(step) if cfg.time == "index" else float(timestep) / num_train_timesteps
+    def compute_full(self, samples: torch.Tensor, time: float, call: Callable[[torch.Tensor], torch.Tensor],
+                     record: bool = True) -> torch.Tensor:
+        """A full model call for ``samples``; with ``record`` its features refresh their cache."""
+        mode = ("record" if self.sized else "measure") if (record and self.uses_probe) else "off"
+        plan = self.hooks.plan(mode, start=self.start)
+        o = call(samples)
+        self.stats.full_calls += 1
+        if mode == "measure":
+            self._size_region(plan.sizes)
+        elif mode == "record":
+            self._record(samples, time, plan.recorded, o)
+        elif record:  # unverified lite: only the output is cached
+            self._record(samples, time, {}, o)
+        self.hooks.plan("off")
+        return o
 
 
 def sample_cached(
@@ -324,11 +343,14 @@ def sample_cached(
     desc: str = "sampling",
     threshold_fn: Callable[[int], float] | None = None,
     cache_cls: type[TaylorCache] = TaylorCache,
+    calibration: Calibration | None = None,
 ) -> CachedResult:
     """Sample with a caching method (``fora``, ``taylorseer`` or ``speca``); see the module doc.
 
-    ``threshold_fn(step) -> τ`` replaces the configured schedule (ablations, tests);
-    ``cache_cls`` is the forecaster class (a :class:`TaylorCache` or subclass).
+    ``calibration``: the model's calibration, needed by ``speca`` with a quality target (see
+    :func:`specdist.engine.calibration.ensure_calibration`). ``threshold_fn(step) -> τ`` replaces
+    the decisions by that threshold schedule (ablations, tests); ``cache_cls`` is the forecaster
+    class (a :class:`TaylorCache` or subclass).
     """
     device, dtype = next(model.parameters()).device, model_dtype(model)
     sched = fresh_scheduler(scheduler)
@@ -340,8 +362,8 @@ def sample_cached(
     guided = cond.uncond_kwargs is not None and cond.guidance_scale > 1.0
     train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
     hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
-    stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, threshold_fn=threshold_fn,
-                                 cache_cls=cache_cls)
+    rule = make_rule(method, cfg, steps, b, calibration=calibration, threshold_fn=threshold_fn)
+    stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, rule=rule, cache_cls=cache_cls)
     start = time_module.perf_counter()
     try:
         with torch.inference_mode():
@@ -355,6 +377,7 @@ def sample_cached(
                 latents = sched.step(out, t, latents, return_dict=False)[0]
     finally:
         hooks.remove()
+    stepper.stats.rule = rule.summary()
     per = stepper.stats.per_sample()
     return CachedResult(
         latents=latents.float().cpu(),

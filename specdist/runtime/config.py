@@ -18,7 +18,9 @@ workers, each with the single-device engine's ``method``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from ..engine.config import CacheConfig
 from ..errors import check_value as _check
 
 BACKENDS = ("none", "local", "ray", "torchrun")
@@ -54,6 +56,9 @@ class RuntimeConfig:
     """Emulation: each full model call also waits this long (spread over its blocks, cancellable),
     standing in for a big model's step time (e.g. 31.8 s, HunyuanVideo 720p on one H100). Reports
     of such runs say ``emulated``."""
+    emulate_draft_s: float = 0.0
+    """Emulation: each draft (a latency-mode speculative call, or a speculative step of a
+    throughput-mode generation) also waits this long, e.g. its measured share of a big model's step."""
     job_timeout_s: float = 600.0
     """No result from a busy worker for this long fails the run with an error naming the worker
     (a hung worker is not silently waited on). A *dead* Ray worker is noticed at once and its job
@@ -75,6 +80,7 @@ class RuntimeConfig:
                self.gpus_per_worker, "null or a number >= 0")
         _check(self.threads_per_worker >= 1, f"{prefix}threads_per_worker", self.threads_per_worker, "an integer >= 1")
         _check(self.emulate_step_s >= 0, f"{prefix}emulate_step_s", self.emulate_step_s, "a number >= 0")
+        _check(self.emulate_draft_s >= 0, f"{prefix}emulate_draft_s", self.emulate_draft_s, "a number >= 0")
         _check(self.job_timeout_s > 0, f"{prefix}job_timeout_s", self.job_timeout_s, "a number > 0")
         _check(self.startup_timeout_s > 0, f"{prefix}startup_timeout_s", self.startup_timeout_s, "a number > 0")
         _check(self.max_retries >= 0, f"{prefix}max_retries", self.max_retries, "an integer >= 0")
@@ -83,3 +89,18 @@ class RuntimeConfig:
     def distributed(self) -> bool:
         """Whether the job runs through a worker pool."""
         return self.backend != "none"
+
+
+def check_latency_cache(cache: Any, prefix: str = "cache.") -> None:
+    """Refuse the cache fields that mean nothing in latency mode (one line naming the field): drafts
+    are verified against the reference output itself (no probe, no waived checks, rel-L2), their
+    window is ``runtime.lookahead``, and only ``block`` and ``output`` granularity draft."""
+    defaults = CacheConfig()
+    _check(cache.granularity in ("block", "output"), f"{prefix}granularity", cache.granularity,
+           "block or output with runtime.mode=latency (a draft is a block-level speculative call or the forecast output)")
+    for key, why in (("probe_block", "drafts are verified against the reference output, not a probe"),
+                     ("min_run", "every draft is verified by its reference output"),
+                     ("max_run", "the window is runtime.lookahead"),
+                     ("metric", "drafts are compared with the reference output in rel-L2")):
+        _check(getattr(cache, key) == getattr(defaults, key), f"{prefix}{key}", getattr(cache, key),
+               f"{getattr(defaults, key)!r} with runtime.mode=latency ({why})")

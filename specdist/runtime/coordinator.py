@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .jobs import CANCELLED, GENERATION, STEP, Job, dtype_name
+from .jobs import CANCELLED, DRAFT, GENERATION, STEP, Job, dtype_name
 from .pool import WorkerFailure, WorkerPool
-from .rule import Trajectory
+from .rule import FULL, Request, Trajectory
 
 
 @dataclass
@@ -30,7 +30,7 @@ class RunStats:
     jobs_submitted: int = 0
     jobs_done: int = 0
     jobs_cancelled: int = 0  # stopped mid-forward or before starting
-    jobs_stale: int = 0  # finished, but for a window that had closed (wasted)
+    jobs_stale: int = 0  # finished (counted in jobs_done too), but for a window that had closed (wasted)
     cancel_requests: int = 0
     wasted_compute_s: float = 0.0
     useful_compute_s: float = 0.0
@@ -51,6 +51,16 @@ class RunResult:
     windows: list[list[int]] = field(default_factory=list)
     closed_at: list[list[int]] = field(default_factory=list)
     errors: list[list[float | None]] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)  # latency: draft calls per sample
+
+
+def job_for(request: Request, job_id: int, sample: int, traj: Trajectory) -> Job:
+    """The pool job that serves a trajectory's :class:`~specdist.runtime.rule.Request`."""
+    ts = traj.timestep(request.step)
+    meta = ({"record": request.record, "start": request.start} if request.kind == FULL
+            else {"start": request.start, "layout": [list(x) for x in request.layout]})
+    return Job(job_id, STEP if request.kind == FULL else DRAFT, sample, request.step, float(ts), dtype_name(ts.dtype),
+               request.window, meta)
 
 
 class Coordinator:
@@ -78,10 +88,11 @@ class Coordinator:
         """Run every trajectory to its end; returns the committed final latents."""
         stats, pool = RunStats(), self.pool
         start = last = time.perf_counter()
-        inflight: dict[int, tuple[int, int, int]] = {}  # job id -> (sample, window, step)
-        submitted: set[tuple[int, int, int]] = set()
+        inflight: dict[int, tuple[int, Request]] = {}  # job id -> (sample, request)
+        submitted: set[tuple[int, int, str, int, str]] = set()  # (sample, window, kind, step, record)
         jobs_per_sample = [0] * len(trajs)
-        bar = tqdm(total=sum(t.steps for t in trajs), desc="latency", disable=not self.progress, leave=False)
+        bar = tqdm(total=sum(t.steps for t in trajs), desc="latency: steps committed", unit="step",
+                   disable=not self.progress, leave=False)
         committed = 0
         while not all(t.done for t in trajs):
             t0 = time.perf_counter()
@@ -89,54 +100,44 @@ class Coordinator:
             if idle:
                 todo = []
                 for i, t in enumerate(trajs):
-                    for pos, (step, x_in) in enumerate(t.wanted()):
-                        if (i, t.window_id, step) not in submitted:
-                            todo.append((pos, i, step, x_in))
-                for pos, i, step, x_in in sorted(todo, key=lambda r: r[:3])[:idle]:
-                    t = trajs[i]
-                    ts = t.timestep(step)
-                    job = Job(self._job_id(), STEP, i, step, float(ts), dtype_name(ts.dtype), t.window_id)
-                    pool.submit(job, x_in)
-                    inflight[job.id] = (i, t.window_id, step)
-                    submitted.add((i, t.window_id, step))
+                    for pos, req in enumerate(t.wanted()):
+                        if (i, req.window, req.kind, req.step, req.record) not in submitted:
+                            todo.append((pos, i, req))
+                for pos, i, req in sorted(todo, key=lambda r: r[:2])[:idle]:
+                    job = job_for(req, self._job_id(), i, trajs[i])
+                    pool.submit(job, req.tensors)
+                    inflight[job.id] = (i, req)
+                    submitted.add((i, req.window, req.kind, req.step, req.record))
                     stats.jobs_submitted += 1
-                    jobs_per_sample[i] += 1
+                    jobs_per_sample[i] += req.kind == FULL
             stats.coordinator_s += time.perf_counter() - t0
             results, last = self._collect(inflight, last)
             t0 = time.perf_counter()
             for r in results:
-                i, window, step = inflight.pop(r.job.id)
+                i, req = inflight.pop(r.job.id)
                 t = trajs[i]
                 if r.status == CANCELLED:
                     stats.jobs_cancelled += 1
                     stats.wasted_compute_s += r.compute_s
                     continue
                 stats.jobs_done += 1
-                if window != t.window_id:
+                if req.window != t.window_id:
                     stats.jobs_stale += 1
                     stats.wasted_compute_s += r.compute_s
                     continue
                 stats.useful_compute_s += r.compute_s
-                t.deliver(window, step, r.output)
+                window = t.window_id
+                t.deliver(req, r.output, r.features, r.meta)
                 if t.window_id != window:  # the window closed: cancel what is still running for it
-                    for jid, (k, w, _) in inflight.items():
-                        if k == i and w != t.window_id:
+                    for jid, (k, other) in inflight.items():
+                        if k == i and other.window != t.window_id:
                             pool.cancel(jid)
                             stats.cancel_requests += 1
             now_committed = sum(len(t.stats.decisions) for t in trajs)
             bar.update(now_committed - committed)
             committed = now_committed
             stats.coordinator_s += time.perf_counter() - t0
-        # drain: jobs of closed windows still running finish or stop before the pool is reused
-        while inflight:
-            for jid in inflight:
-                pool.cancel(jid)
-            results, last = self._collect(inflight, last)
-            for r in results:
-                inflight.pop(r.job.id, None)
-                stats.jobs_cancelled += r.status == CANCELLED
-                stats.jobs_stale += r.status != CANCELLED
-                stats.wasted_compute_s += r.compute_s
+        self._drain(inflight, stats, last)
         bar.close()
         stats.wall_s = time.perf_counter() - start
         return RunResult(
@@ -148,7 +149,25 @@ class Coordinator:
             windows=[t.stats.windows for t in trajs],
             closed_at=[t.stats.closed_at for t in trajs],
             errors=[t.stats.errors for t in trajs],
+            drafts=[t.stats.drafts for t in trajs],
         )
+
+    def _drain(self, inflight: dict, stats: RunStats, last: float) -> None:
+        """Jobs of closed windows still running finish or stop before the pool is reused; each is
+        counted once, as cancelled or (finished for a closed window) stale."""
+        for jid in inflight:
+            self.pool.cancel(jid)
+            stats.cancel_requests += 1
+        while inflight:
+            results, last = self._collect(inflight, last)
+            for r in results:
+                inflight.pop(r.job.id, None)
+                if r.status == CANCELLED:
+                    stats.jobs_cancelled += 1
+                else:
+                    stats.jobs_done += 1
+                    stats.jobs_stale += 1
+                stats.wasted_compute_s += r.compute_s
 
     def run_throughput(self, noise: torch.Tensor) -> RunResult:
         """One generation job per sample (``noise[i]`` is sample ``i``'s initial noise)."""
@@ -164,7 +183,7 @@ class Coordinator:
             for _ in range(min(pool.idle(), len(queue))):
                 i = queue.pop(0)
                 job = Job(self._job_id(), GENERATION, i)
-                pool.submit(job, noise[i:i + 1].contiguous())
+                pool.submit(job, (noise[i:i + 1].contiguous(),))
                 inflight[job.id] = i
                 stats.jobs_submitted += 1
             stats.coordinator_s += time.perf_counter() - t0

@@ -54,9 +54,13 @@ def drain(results: queue.Queue, timeout: float) -> list[JobResult]:
     return out
 
 
-def tensor_bytes(t: torch.Tensor | None) -> int:
-    """Bytes of a tensor (0 for ``None``)."""
-    return 0 if t is None else t.numel() * t.element_size()
+def tensor_bytes(t: torch.Tensor | tuple | None) -> int:
+    """Bytes of a tensor or a tuple of tensors (0 for ``None``)."""
+    if t is None:
+        return 0
+    if isinstance(t, (tuple, list)):
+        return sum(tensor_bytes(x) for x in t)
+    return t.numel() * t.element_size()
 
 
 class WorkerPool(ABC):
@@ -75,8 +79,8 @@ class WorkerPool(ABC):
         """Workers without a job."""
 
     @abstractmethod
-    def submit(self, job: Job, tensor: torch.Tensor) -> None:
-        """Start ``job`` on an idle worker with its ``tensor`` (model input or initial noise)."""
+    def submit(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Start ``job`` on an idle worker with its ``tensors`` (see :class:`~specdist.runtime.jobs.Job`)."""
 
     @abstractmethod
     def cancel(self, job_id: int) -> None:
@@ -93,8 +97,9 @@ class WorkerPool(ABC):
 
 class LocalPool(WorkerPool):
     """One thread per entry of ``workers`` in this process (the ``local`` backend). Entries may be
-    the same :class:`StepWorker` (step jobs share one model safely); generation jobs need one
-    model copy per thread (the engine hooks its model)."""
+    the same :class:`StepWorker` (step and draft jobs share one model safely: the hooks' plans are
+    per thread); generation jobs need one model copy per thread (the engine hooks its model).
+    Nothing crosses a transport, so no bytes are counted as moved."""
 
     def __init__(self, workers: list[StepWorker]) -> None:
         super().__init__()
@@ -129,7 +134,7 @@ class LocalPool(WorkerPool):
                 result = JobResult(job, FAILED, worker=w, error=f"{type(exc).__name__}: {exc}")
             self.results.put(result)
 
-    def submit(self, job: Job, tensor: torch.Tensor) -> None:
+    def submit(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> None:
         with self.lock:
             free = [w for w in range(self.n) if w not in self.busy.values()]
             if not free:
@@ -137,8 +142,7 @@ class LocalPool(WorkerPool):
             self.busy[job.id] = free[0]
             self.flags[job.id] = threading.Event()
         self.stats.jobs += 1
-        self.stats.bytes_to_workers += tensor_bytes(tensor)
-        self.inbox[free[0]].put((job, tensor))
+        self.inbox[free[0]].put((job, tuple(tensors)))
 
     def cancel(self, job_id: int) -> None:
         flag = self.flags.get(job_id)
@@ -152,7 +156,6 @@ class LocalPool(WorkerPool):
             with self.lock:
                 self.busy.pop(r.job.id, None)
                 self.flags.pop(r.job.id, None)
-            self.stats.bytes_from_workers += tensor_bytes(r.output)
             self.stats.cancelled_mid_forward += r.status == CANCELLED
             if r.status == FAILED:
                 raise WorkerFailure(f"job {r.job.id} ({r.job.kind}, sample {r.job.sample}, step {r.job.step}) "

@@ -47,22 +47,22 @@ class RayWorker:
         """The worker's process id (once the model is loaded)."""
         return os.getpid()
 
-    def _compute(self, job: Job, tensor: torch.Tensor) -> tuple[str, torch.Tensor, float, dict]:
+    def _compute(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> tuple:
         flag = self.flags.setdefault(job.id, threading.Event())
         try:
-            r = self.worker.run(job, tensor, flag, self.index)
+            r = self.worker.run(job, tensors, flag, self.index)
         finally:
             self.flags.pop(job.id, None)
-        return r.status, (r.output if r.output is not None else torch.empty(0)), r.compute_s, r.meta
+        return r.status, (r.output if r.output is not None else torch.empty(0)), r.compute_s, r.meta, r.features
 
     @ray.method(tensor_transport="gloo")
-    def compute_gloo(self, job: Job, tensor: torch.Tensor):
-        return self._compute(job, tensor)
+    def compute_gloo(self, job: Job, tensors: tuple[torch.Tensor, ...]):
+        return self._compute(job, tensors)
 
     @ray.method(tensor_transport="nccl")
-    def compute_nccl(self, job: Job, tensor: torch.Tensor):
-        status, out, compute_s, meta = self._compute(job, tensor)
-        return status, out.cuda(), compute_s, meta
+    def compute_nccl(self, job: Job, tensors: tuple[torch.Tensor, ...]):
+        status, out, compute_s, meta, features = self._compute(job, tensors)
+        return status, out.cuda(), compute_s, meta, tuple(f.cuda() for f in features)
 
     def cancel(self, job_id: int) -> None:
         """Stop job ``job_id`` at the next block boundary (or before it starts)."""
@@ -85,16 +85,17 @@ class RayCoordinator:
         return self.transport
 
     @ray.method(tensor_transport="gloo")
-    def emit_gloo(self, key: int) -> torch.Tensor:
+    def emit_gloo(self, key: int) -> tuple[torch.Tensor, ...]:
         return self.box.pop(("out", key))
 
     @ray.method(tensor_transport="nccl")
-    def emit_nccl(self, key: int) -> torch.Tensor:
-        return self.box.pop(("out", key)).cuda()
+    def emit_nccl(self, key: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t.cuda() for t in self.box.pop(("out", key)))
 
     def absorb(self, key: int, result: tuple) -> int:
-        status, tensor, compute_s, meta = result
-        self.box[("in", key)] = (status, tensor.cpu() if tensor.numel() else None, compute_s, meta)
+        status, tensor, compute_s, meta, features = result
+        self.box[("in", key)] = (status, tensor.cpu() if tensor.numel() else None, compute_s, meta,
+                                 tuple(f.cpu() for f in features))
         return key
 
     def run(self, cfg: Any, plan: Any, progress: bool, max_retries: int) -> tuple[Any, dict]:
@@ -130,13 +131,14 @@ class RayPool(WorkerPool):
     def idle(self) -> int:
         return max(0, len(self._free()) - len(self.requeue))
 
-    def submit(self, job: Job, tensor: torch.Tensor) -> None:
+    def submit(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> None:
         free = self._free()
         if not free:
             raise RuntimeError("RayPool.submit: no idle worker")
         w, host = free[0], self.host
-        self.inputs[job.id] = tensor
-        host.box[("out", job.id)] = tensor
+        tensors = tuple(tensors)
+        self.inputs[job.id] = tensors
+        host.box[("out", job.id)] = tensors
         emit = host.me.emit_gloo if host.transport == "gloo" else host.me.emit_nccl
         worker = host.workers[w]
         compute = worker.compute_gloo if host.transport == "gloo" else worker.compute_nccl
@@ -144,7 +146,7 @@ class RayPool(WorkerPool):
         self.pending[host.me.absorb.remote(job.id, out_ref)] = (job, w)
         self.busy[job.id] = w
         self.stats.jobs += 1
-        self.stats.bytes_to_workers += tensor_bytes(tensor)
+        self.stats.bytes_to_workers += tensor_bytes(tensors)
 
     def cancel(self, job_id: int) -> None:
         w = self.busy.get(job_id)
@@ -190,11 +192,11 @@ class RayPool(WorkerPool):
             except ray.exceptions.RayTaskError as exc:  # the job raised: report it, do not retry
                 raise WorkerFailure(f"job {job.id} (sample {job.sample}, step {job.step}) failed on Ray worker "
                                     f"{w}: {exc.cause if hasattr(exc, 'cause') else exc}") from None
-            status, tensor, compute_s, meta = self.host.box.pop(("in", job.id))
+            status, tensor, compute_s, meta, features = self.host.box.pop(("in", job.id))
             self.inputs.pop(job.id, None)
-            self.stats.bytes_from_workers += tensor_bytes(tensor)
+            self.stats.bytes_from_workers += tensor_bytes(tensor) + tensor_bytes(features)
             self.stats.cancelled_mid_forward += status == "cancelled"
-            out.append(JobResult(job, status, tensor, w, compute_s, meta))
+            out.append(JobResult(job, status, tensor, w, compute_s, meta, features=features))
         self._flush()
         return out
 

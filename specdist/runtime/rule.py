@@ -1,53 +1,65 @@
-"""The parallel speculation rule of one trajectory (DESIGN §3): what is drafted, compared and committed.
+"""The latency-mode rule of one trajectory (DESIGN §3): what is drafted, verified and committed.
 
-This is pure tensor logic (no Ray, no torch.distributed, no timing). The coordinator feeds it
-reference outputs in any order; the committed trajectory depends only on the config, the seed and
-the reference outputs, never on how many workers computed them or when they arrived.
+Pure tensor logic (no Ray, no torch.distributed, no timing): the coordinator hands it the results
+of the jobs it asked for, in any order; the committed trajectory depends only on the config, the
+seed and those results — never on how many workers computed them or when they arrived.
 
-Anchor ``c``: the committed state ``x_c`` whose full output ``F_c`` is known. The forecaster holds
-the full outputs at committed steps ``≤ c``. A window drafts ``K'`` steps from the anchor *at once*
-(the forecaster is frozen for the whole window)::
+*Anchor* ``c``: a committed state ``x_c`` whose full output ``F_c`` is known. The *history* is a
+:class:`~specdist.engine.forecast.TaylorCache` of the features of committed full steps (every
+block's residual branches at ``block`` granularity — the engine's features — or the model output
+at ``output`` granularity). A *window* drafts ``K'`` steps from the anchor, one after the other::
 
-    x̂_{c+1} = step(F_c, x_c),   x̂_{c+j+1} = step(f̂_{c+j}, x̂_{c+j}),   f̂_{c+j} = forecast(c+j)
+    x̂_{c+1} = S(F_c, x_c),   p_{c+j} = draft(x̂_{c+j}),   x̂_{c+j+1} = S(p_{c+j}, x̂_{c+j})
 
-Reference jobs compute ``F(x̂_{c+j})`` for ``j = 1..K'``. Verification runs in order: draft ``j`` is
-accepted when ``err(f̂_{c+j}, F(x̂_{c+j})) ≤ τ(c+j)`` (the engine's metric and schedule; NaN/Inf
-never passes). The window closes at ``j*``: the first rejection, or ``K'`` (the last draft, or the
-step before a forced full step). ``x̂_{c+j*}`` is then committed (its predecessors were accepted) and
-becomes the next anchor with ``F(x̂_{c+j*})`` known; drafts after ``j*`` are dropped (their jobs are
-cancelled). Every reference output at a committed state joins the forecaster's history.
+A *draft* at ``block`` granularity is the engine's speculative call run by a worker at the drafted
+state: the forecast branches (from the history, frozen for the window) are re-gated by the blocks'
+own norms and the step's modulation (:mod:`specdist.engine.hooks`); at ``output`` granularity the
+draft is the forecast output itself (no model call). Every drafted state also gets a *reference*
+job, the full model at ``x̂_{c+j}``, in parallel with the drafting of the next steps. Verification
+runs in order with the engine's decision module (:mod:`specdist.engine.decision`; the verifier's
+error is ``err(p, F(x̂))`` on the output, so a quality target books it with the output's own
+damage weights): draft ``j`` is accepted while the rule accepts. The window closes at ``j*``, the
+first rejection or forced step (or ``K'``): ``x̂_{c+j*}`` is committed (its predecessors were
+accepted) with ``F(x̂_{c+j*})`` as the next anchor; later drafts are dropped (their jobs cancelled).
+The full features of every committed state of the window join the history.
 
-The window ``K'`` is ``min(K, steps − 1 − c, next forced step − c)`` and ``K`` adapts from the last
-window only (committed history), so 1 or 64 workers commit the same trajectory.
+``K' = min(K, steps − 1 − c, next forced step − c)`` and ``K`` adapts from committed history only
+(doubles after a fully accepted window, shrinks to ``j* + 1`` after a rejection at ``j*``).
+At ``block`` granularity the very first full call measures the branch sizes (the cached region is
+sized under ``cache.max_cache_bytes`` exactly as in the engine) and is repeated with recording.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..engine.config import CacheConfig
+from ..engine.decision import Rule, forecaster_time
 from ..engine.forecast import TaylorCache
-from ..engine.verify import forecast_error, threshold
-from ..sampling import scale_input
+from ..engine.hooks import region_bytes
+from ..engine.speculative import fit_region
+from ..engine.verify import forecast_error
+from ..sampling import scale_input, snapshot
+
+FULL, DRAFT = "full", "draft"
 
 
-def snapshot(scheduler: Any) -> Any:
-    """A copy of ``scheduler`` that a later ``step`` on either side does not affect.
+@dataclass(frozen=True)
+class Request:
+    """A job a trajectory wants: a full model call (``FULL``; ``record`` names what to record:
+    ``"measure"``, ``"record"`` or ``"off"``) or a draft (``DRAFT``) at ``step``, for window
+    ``window``. ``tensors`` travel with it (the model input, then the forecast features)."""
 
-    diffusers schedulers advance by rebinding attributes (``_step_index``, ``sample``, …) and by
-    assigning into lists (multistep ``model_outputs``); their tensors (timesteps, sigmas, alphas)
-    are never written in place. So a shallow copy with fresh containers is a full snapshot, at a
-    fraction of ``deepcopy``'s cost (which copies every schedule tensor).
-    """
-    new = copy.copy(scheduler)
-    for key, value in vars(scheduler).items():
-        if isinstance(value, (list, dict)):
-            setattr(new, key, copy.copy(value))
-    return new
+    kind: str
+    step: int
+    window: int
+    tensors: tuple[torch.Tensor, ...]
+    record: str = "off"
+    start: int = 0
+    layout: tuple[tuple[str, int], ...] = ()  # DRAFT: (feature name, tensors) of the forecast features
 
 
 @dataclass
@@ -57,20 +69,21 @@ class Draft:
     step: int
     x: torch.Tensor  # state x̂_step (float32, [1, ...])
     x_in: torch.Tensor  # model input at that state (scaled, model dtype)
-    forecast: torch.Tensor | None  # f̂_step (None when not speculating)
     scheduler: Any  # scheduler state before step ``step``
+    prediction: torch.Tensor | None = None  # p_step, once drafted
 
 
 @dataclass
 class TrajectoryStats:
-    """Decisions per step (``F`` anchor computed fully, ``A`` accepted forecast, ``R`` rejected
-    forecast whose reference output was committed) and the windows' bookkeeping."""
+    """Decisions per step (``F`` anchor computed fully, ``A`` accepted draft, ``R`` rejected draft
+    whose reference output was committed) and the windows' bookkeeping."""
 
     decisions: list[str] = field(default_factory=list)
     errors: list[float | None] = field(default_factory=list)
     windows: list[int] = field(default_factory=list)  # K' of each window
     closed_at: list[int] = field(default_factory=list)  # j* of each window
-    anchors: int = 0  # windows + the initial full step: the critical path in full steps
+    anchors: int = 0  # windows + the initial full step(s): the critical path in full steps
+    drafts: int = 0  # draft calls that ran a model
 
 
 class Trajectory:
@@ -79,22 +92,29 @@ class Trajectory:
     Args:
         scheduler: a fresh diffusers scheduler with timesteps set (this object owns it).
         latents: initial latents ``[1, ...]`` float32 (already scaled by ``init_noise_sigma``).
-        cache: the engine's cache config (order, time unit, metric, τ schedule, warm-up, forced steps).
-        lookahead: the largest window ``K``; ``adaptive`` lets ``K`` follow the last accepted run.
+        cache: the engine's cache config (order, time unit, granularity, forced steps, budget).
+        rule: the decision rule of this sample (:func:`specdist.engine.decision.make_rule` with
+            ``signal="output"``); ``None`` computes every step fully (``full``).
+        lookahead: the largest window ``K``; ``adaptive`` lets ``K`` follow the last window.
         dtype: the model's input dtype.
-        speculate: ``False`` gives windows of one step (every step computed fully: ``full``).
+        rows: model rows per sample (2 with guidance): the history's rows at block granularity.
     """
 
-    def __init__(self, scheduler: Any, latents: torch.Tensor, cache: CacheConfig, lookahead: int, *,
-                 adaptive: bool = True, dtype: torch.dtype = torch.float32, speculate: bool = True) -> None:
+    def __init__(self, scheduler: Any, latents: torch.Tensor, cache: CacheConfig, rule: Rule | None, lookahead: int, *,
+                 adaptive: bool = True, dtype: torch.dtype = torch.float32, rows: int = 1) -> None:
         self.sched = scheduler
         self.timesteps = list(scheduler.timesteps)
         self.steps = len(self.timesteps)
-        self.cfg, self.kmax, self.adaptive, self.dtype = cache, lookahead, adaptive, dtype
-        self.speculate = speculate
+        self.cfg, self.rule, self.kmax, self.adaptive, self.dtype = cache, rule, lookahead, adaptive, dtype
+        self.speculate = rule is not None
+        self.block_level = self.speculate and cache.granularity == "block"
+        self.rows = rows
         self.train_t = float(getattr(scheduler.config, "num_train_timesteps", 1000))
-        self.forced = {s % self.steps for s in cache.full_steps} | set(range(min(cache.warmup, self.steps)))
-        self.history = TaylorCache(cache.order, 1)
+        self.forced = set(rule.forced) if rule is not None else set(range(self.steps))
+        self.history = TaylorCache(cache.order, rows if self.block_level else 1)
+        self.layout: list[tuple[str, int]] = []  # block level: feature names and tensors per feature
+        self.start = 0  # block level: first cached block (sized by the measuring call)
+        self.order = cache.order
         self.c = 0
         self.x = latents
         self.x_in = self._input(self.sched, latents, 0)
@@ -102,8 +122,10 @@ class Trajectory:
         self.window_id = 0
         self.drafts: list[Draft] = []
         self.k = lookahead
-        self._checked: set[int] = set()
-        self.results: dict[int, torch.Tensor] = {}
+        self._checked = 0  # drafts of the open window already decided
+        self.results: dict[int, torch.Tensor] = {}  # step -> reference output
+        self.features: dict[int, tuple[torch.Tensor, ...]] = {}  # step -> recorded full features
+        self.phase = "measure" if self.block_level else "record"
         self.final: torch.Tensor | None = None
         self.stats = TrajectoryStats()
 
@@ -113,86 +135,160 @@ class Trajectory:
         """Whether the final latents are known."""
         return self.final is not None
 
-    def wanted(self) -> list[tuple[int, torch.Tensor]]:
-        """``(step, model input)`` of every reference output the open window still needs, in order."""
-        if self.done:
-            return []
-        if self.f_c is None:
-            return [] if self.c in self.results else [(self.c, self.x_in)]
-        return [(d.step, d.x_in) for d in self.drafts if d.step not in self.results]
-
     def timestep(self, step: int) -> torch.Tensor:
         """The scheduler timestep of ``step``."""
         return self.timesteps[step]
 
-    # -- the rule ------------------------------------------------------------------------------
-    def deliver(self, window_id: int, step: int, output: torch.Tensor) -> list[int]:
-        """Record the reference output ``F(x̂_step)`` computed for window ``window_id``.
-
-        Returns the steps whose jobs became useless (to cancel); a stale result is ignored.
-        """
-        if window_id != self.window_id or self.done:
+    def wanted(self) -> list[Request]:
+        """Every job the trajectory still needs, in the order it needs them (drafts first at a position)."""
+        if self.done:
             return []
-        self.results[step] = output.float()
+        if self.f_c is None:  # the first anchor: measured (block level), then recorded
+            return [] if self.c in self.results else [Request(FULL, self.c, self.window_id, (self.x_in,),
+                                                              self.phase if self.block_level else "off", self.start)]
+        drafts, fulls = [], []
+        record = "record" if self.block_level else "off"
+        for d in self.drafts:
+            if d.prediction is None and self.block_level:
+                drafts.append(Request(DRAFT, d.step, self.window_id, (d.x_in, *self._forecast(d.step)),
+                                      start=self.start, layout=tuple(self.layout)))
+            if d.step not in self.results:
+                fulls.append(Request(FULL, d.step, self.window_id, (d.x_in,), record, self.start))
+            if d.prediction is None:
+                break  # later states depend on this draft
+        return drafts + fulls
+
+    # -- results -------------------------------------------------------------------------------
+    def deliver(self, request: Request, output: torch.Tensor | None, features: tuple[torch.Tensor, ...] = (),
+                meta: dict | None = None) -> list[int]:
+        """Record a job's result. ``output``: the model output (full) or the draft's output;
+        ``features``: a recording full call's features, ``meta["layout"]`` their (name, tensors)
+        layout; ``meta["sizes"]``: a measuring call's bytes per row. Returns the steps whose jobs
+        became useless (to cancel); a result for a closed window is ignored."""
+        if request.window != self.window_id or self.done:
+            return []
+        meta = meta or {}
+        if request.kind == DRAFT:
+            return self._drafted(request.step, output.float())
+        if request.record == "measure":
+            self._size(meta["sizes"])
+            return []
+        self.results[request.step] = output.float()
+        if features:
+            self.features[request.step] = features
+            self.layout = [tuple(x) for x in meta["layout"]]
         return self._advance()
+
+    def _size(self, sizes: dict[str, int]) -> None:
+        """Block level, after the measuring call: choose the order and the cached region as the
+        engine does; the first anchor is then computed again with recording."""
+        last = max(int(k.split(".")[1]) for k in sizes if k.startswith("branch."))
+        order, self.start = fit_region(self.order, lambda st: self.rows * region_bytes(sizes, st), last,
+                                       self.cfg.max_cache_bytes)
+        if order != self.order:
+            self.order = order
+            self.history = TaylorCache(order, self.rows)
+        self.phase = "record"
 
     def _input(self, sched: Any, x: torch.Tensor, step: int) -> torch.Tensor:
         return scale_input(sched, x, self.timesteps[step]).to(self.dtype)
 
     def _time(self, step: int) -> float:
-        t = self.timesteps[step]
-        return float(step) if self.cfg.time == "index" else float(t) / self.train_t
+        return forecaster_time(self.cfg, step, self.timesteps[step], self.train_t)
 
-    def _tau(self, step: int) -> float:
-        return threshold(step / max(self.steps - 1, 1), self.cfg.tau0, self.cfg.beta, self.cfg.tau_min)
+    def _forecast(self, step: int) -> tuple[torch.Tensor, ...]:
+        rows = torch.arange(self.history.rows)
+        return self.history.forecast(rows, self._time(step))
+
+    def _learn(self, step: int) -> None:
+        """The full features of a committed step join the history."""
+        rows = torch.arange(self.history.rows)
+        if self.block_level:
+            feats = self.features.get(step)
+            if feats:
+                self.history.update(rows, feats, self._time(step))
+        elif self.speculate:
+            self.history.update(rows, (self.results[step],), self._time(step))
+
+    def _drafted(self, step: int, prediction: torch.Tensor) -> list[int]:
+        self.stats.drafts += 1
+        for j, d in enumerate(self.drafts):
+            if d.step == step and d.prediction is None:
+                d.prediction = prediction
+                self._extend(j)
+        return self._advance()
+
+    def _extend(self, j: int) -> None:
+        """Draft ``j`` has its prediction: the next drafted state follows from it."""
+        if j + 1 >= len(self.drafts) or self.drafts[j + 1].x is not None:
+            return
+        d = self.drafts[j]
+        sched = snapshot(d.scheduler)
+        x = sched.step(d.prediction, self.timesteps[d.step], d.x, return_dict=False)[0]
+        nxt = self.drafts[j + 1]
+        nxt.x, nxt.x_in, nxt.scheduler = x, self._input(sched, x, nxt.step), sched
 
     def _advance(self) -> list[int]:
-        if self.f_c is None:  # the first anchor (step 0), or nothing yet
+        if self.f_c is None:  # the first anchor (step 0)
             if self.c not in self.results:
                 return []
-            self.f_c = self.results.pop(self.c)
+            self.f_c = self.results[self.c]
             self.stats.decisions.append("F")
             self.stats.errors.append(None)
             self.stats.anchors += 1
-            self.history.update(torch.zeros(1, dtype=torch.long), (self.f_c,), self._time(self.c))
+            if self.speculate:
+                self._learn(self.c)
+            self.results, self.features = {}, {}
             self._open_window()
             return []
-        for j, d in enumerate(self.drafts, start=1):
-            if d.step not in self.results:
+        while self._checked < len(self.drafts):
+            j = self._checked
+            d = self.drafts[j]
+            if d.step not in self.results or (self.speculate and d.prediction is None):
                 return []
-            if j in self._checked:
-                continue
             true = self.results[d.step]
-            err = float(forecast_error(d.forecast, true, self.cfg.metric)[0]) if self.speculate else float("nan")
-            passed = self.speculate and err <= self._tau(d.step)  # NaN/Inf: err is inf, never passes
-            self._checked.add(j)
-            self.history.update(torch.zeros(1, dtype=torch.long), (true,), self._time(d.step))
-            self.stats.errors.append(err if self.speculate else None)
-            if passed and j < len(self.drafts):
+            self._checked += 1
+            last = j == len(self.drafts) - 1
+            if not self.speculate:
+                self.stats.errors.append(None)
+                self.stats.decisions.append("F")
+                return self._close(j, true, passed=True)
+            err = forecast_error(d.prediction, true, "rel_l2").cpu()
+            self.stats.errors.append(float(err[0]))
+            if d.step in self.forced:  # the window ends at a forced full step: committed, not judged
+                self.stats.decisions.append("F")
+                return self._close(j, true, passed=True)
+            passed = bool(self.rule.accept(d.step, torch.zeros(1, dtype=torch.long), err,
+                                           torch.zeros(1, dtype=torch.bool), torch.tensor([j]))[0])
+            if passed and not last:
                 self.stats.decisions.append("A")
+                self._learn(d.step)
                 continue
-            forced = d.step in self.forced or not self.speculate
-            self.stats.decisions.append("F" if passed or forced else "R")
+            self.stats.decisions.append("F" if passed else "R")
             return self._close(j, true, passed)
         return []
 
     def _close(self, j: int, true: torch.Tensor, passed: bool) -> list[int]:
         """Commit draft ``j`` as the new anchor with its reference output; drop later drafts."""
-        d = self.drafts[j - 1]
-        dropped = [e.step for e in self.drafts[j:]]
-        self.stats.closed_at.append(j)
+        d = self.drafts[j]
+        dropped = [e.step for e in self.drafts[j + 1:]]
+        self.stats.closed_at.append(j + 1)
         self.stats.anchors += 1
         if self.adaptive:  # from this window's outcome only (committed history)
-            self.k = min(self.kmax, 2 * self.k) if passed else max(1, min(self.kmax, j + 1))
+            self.k = min(self.kmax, 2 * self.k) if passed else max(1, min(self.kmax, j + 2))
         self.c, self.x, self.sched, self.f_c = d.step, d.x, d.scheduler, true
-        self.results = {}
+        if self.speculate:
+            self._learn(d.step)
+            if self.rule is not None:
+                self.rule.observe_full(torch.zeros(1, dtype=torch.long))
+        self.results, self.features = {}, {}
         self._open_window()
         return dropped
 
     def _open_window(self) -> None:
-        """Draft the next window from the anchor (forecaster frozen), or finish the trajectory."""
+        """Lay out the next window from the anchor (forecaster frozen), or finish the trajectory."""
         self.window_id += 1
-        self._checked = set()
+        self._checked = 0
         self.drafts = []
         sched = snapshot(self.sched)
         x = sched.step(self.f_c, self.timesteps[self.c], self.x, return_dict=False)[0]
@@ -204,18 +300,21 @@ class Trajectory:
         size = max(1, min(size, nxt - self.c))
         for j in range(1, size + 1):
             step = self.c + j
-            before = snapshot(sched)
-            f = self.history.forecast(torch.zeros(1, dtype=torch.long), self._time(step))[0] if self.speculate else None
-            self.drafts.append(Draft(step, x, self._input(before, x, step), f, before))
-            if j < size:
-                x = sched.step(f, self.timesteps[step], x, return_dict=False)[0]
+            if j == 1:
+                self.drafts.append(Draft(step, x, self._input(sched, x, step), sched))
+            else:
+                self.drafts.append(Draft(step, None, None, None))
+        if self.speculate and not self.block_level:  # output-level drafts: the forecast itself, no model
+            for j, d in enumerate(self.drafts):
+                d.prediction = self._forecast(d.step)[0]
+                self._extend(j)
         self.stats.windows.append(size)
 
 
 def run_sequential(traj: Trajectory, compute) -> torch.Tensor:
-    """The rule run in one process, one reference output at a time, in order (the single-process
-    engine every backend must match). ``compute(step, x_in) -> output``; returns the final latents."""
+    """The rule run in one process, one job at a time, in order (the single-process engine every
+    backend must match). ``compute(request) -> (output, features, sizes)``; returns the final latents."""
     while not traj.done:
-        step, x_in = traj.wanted()[0]
-        traj.deliver(traj.window_id, step, compute(step, x_in))
+        request = traj.wanted()[0]
+        traj.deliver(request, *compute(request))
     return traj.final

@@ -16,32 +16,41 @@ from .config import RuntimeConfig
 from .coordinator import Coordinator, RunResult
 from .jobs import WorkerSpec
 from .pool import LocalPool
+from ..engine.calibration import Calibration
+from ..engine.decision import make_rule
 from .rule import Trajectory
 from .worker import StepWorker, encode_all
 
 
-def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float) -> WorkerSpec:
-    """The :class:`WorkerSpec` of a :class:`~specdist.config.GenerateConfig` job."""
+def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float,
+                calibration: Calibration | None = None) -> WorkerSpec:
+    """The :class:`WorkerSpec` of a :class:`~specdist.config.GenerateConfig` job (``calibration``:
+    speca's, for throughput-mode generations with a quality target)."""
     rt: RuntimeConfig = cfg.runtime
     return WorkerSpec(
         model=cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
         scheduler_config=dict(cfg.scheduler_config),
         prompts=tuple(prompts), labels=tuple(labels), guidance=guidance, seed=cfg.seed, steps=cfg.steps,
         method=cfg.method, cache=dataclasses.asdict(cfg.cache), peer=dataclasses.asdict(cfg.peer),
-        threads=rt.threads_per_worker, emulate_step_s=rt.emulate_step_s,
+        threads=rt.threads_per_worker, emulate_step_s=rt.emulate_step_s, emulate_draft_s=rt.emulate_draft_s,
+        calibration=None if calibration is None else calibration.to_json(),
     )
 
 
-def build_trajectories(cfg: Any, adapter: Any, scheduler: Any, noise: torch.Tensor, dtype: torch.dtype) -> list[Trajectory]:
-    """One latency-mode :class:`Trajectory` per sample (``noise[i]``), drafted on the CPU."""
+def build_trajectories(cfg: Any, adapter: Any, scheduler: Any, noise: torch.Tensor, dtype: torch.dtype,
+                       rows: int = 1, calibration: Calibration | None = None) -> list[Trajectory]:
+    """One latency-mode :class:`Trajectory` per sample (``noise[i]``), its rule made by the engine's
+    decision module (verifier: the reference output itself), states kept on the CPU. ``rows``:
+    model rows per sample (2 with guidance)."""
     trajs = []
     for i in range(noise.shape[0]):
         sched = fresh_scheduler(scheduler)
         adapter.set_timesteps(sched, cfg.steps, tuple(noise.shape[1:]), torch.device("cpu"))
         latents = init_latents(sched, noise[i:i + 1], torch.device("cpu"))
-        trajs.append(Trajectory(sched, latents, cfg.cache, cfg.runtime.lookahead,
-                                adaptive=cfg.runtime.adaptive_lookahead, dtype=dtype,
-                                speculate=cfg.method == "speca"))
+        rule = None if cfg.method == "full" else make_rule(cfg.method, cfg.cache, cfg.steps, 1, calibration=calibration,
+                                                            signal="output")
+        trajs.append(Trajectory(sched, latents, cfg.cache, rule, cfg.runtime.lookahead,
+                                adaptive=cfg.runtime.adaptive_lookahead, dtype=dtype, rows=rows))
     return trajs
 
 
@@ -66,15 +75,19 @@ def coordinate(pool: Any, cfg: Any, plan: Any, progress: bool) -> RunResult:
 
 def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[str], labels: list[str],
                     guidance: float, *, progress: bool = True, log: Callable[[str], None] = print,
-                    on_workers: Callable[[list[int]], None] | None = None) -> RunResult:
+                    on_workers: Callable[[list[int]], None] | None = None,
+                    calibration: Calibration | None = None) -> RunResult:
     """Run the job of ``cfg`` (``runtime.backend`` local, ray or torchrun rank 0) on ``noise``.
 
-    ``on_workers(pids)`` is called once the workers are up (tests use it to kill one).
+    ``calibration``: speca's, for a quality target. ``on_workers(pids)`` is called once the
+    workers are up (tests use it to kill one).
     """
     rt: RuntimeConfig = cfg.runtime
-    spec = worker_spec(cfg, prompts, labels, guidance)
+    spec = worker_spec(cfg, prompts, labels, guidance, calibration)
     dtype = model_dtype(bundle.transformer)
-    plan = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype) if rt.mode == "latency" else noise
+    rows = 2 if guidance > 1.0 and bundle.conditions_on != "none" else 1
+    plan = (build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype, rows, calibration)
+            if rt.mode == "latency" else noise)
     if rt.backend == "local":
         cond = encode_all(bundle, spec)
         if rt.mode == "latency":  # step jobs share the model

@@ -2,15 +2,17 @@
 
 Messages are torch.distributed point-to-point sends on the default group (``gloo`` on CPU, ``nccl``
 on GPUs): a fixed header (``int64[8]``: op, job id, sample, step, window, timestep dtype code,
-status, meta length), the timestep (``float64[1]``), then the payload tensor. Cancellations go on a
-second gloo group that each worker reads from a listener thread, so a cancel reaches a worker
-in the middle of a forward pass. Rank 0 receives results with one thread per worker rank (blocking
-receives, posted only while that rank has a job), so it never blocks on one worker. With NCCL each
-rank uses GPU ``LOCAL_RANK`` and messages are staged on it.
+tensor count or status, meta length), the timestep or compute time (``float64[1]``), a JSON meta
+blob (``uint8``: the job's or result's meta and the shapes and dtypes of the tensors that follow),
+then the tensors. Cancellations go on a second gloo group that each worker reads from a listener
+thread, so a cancel reaches a worker in the middle of a forward pass. Rank 0 receives results with
+one thread per worker rank (blocking receives, posted only while that rank has a job), so it never
+blocks on one worker. With NCCL each rank uses GPU ``LOCAL_RANK`` and messages are staged on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -24,11 +26,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SpecdistError
-from ..sampling import model_dtype
-from .jobs import CANCELLED, DONE, GENERATION, STEP, Job, JobResult, WorkerSpec
+from .jobs import CANCELLED, DONE, DRAFT, GENERATION, STEP, Job, JobResult, WorkerSpec
 from .pool import PoolStats, WorkerFailure, WorkerPool, drain, tensor_bytes
 
-OP_STOP, OP_STEP, OP_GEN, OP_RESULT = 0, 1, 2, 3
+OP_STOP, OP_STEP, OP_GEN, OP_RESULT, OP_DRAFT = 0, 1, 2, 3, 4
 _TS_DTYPES = ["float32", "float64", "int64", "int32", "bfloat16", "float16"]
 _STATUS = [DONE, CANCELLED, "failed"]
 _HEADER = 8
@@ -83,6 +84,22 @@ def _send_header(values: list[int], ts: float, dst: int) -> None:
     _send(torch.tensor([ts], dtype=torch.float64), dst)
 
 
+_DTYPE_OF = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                                                       torch.int64, torch.int32, torch.uint8, torch.bool)}
+
+
+def _describe(tensors: tuple[torch.Tensor, ...]) -> list[list]:
+    return [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in tensors]
+
+
+def _blob_bytes(payload: dict) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def _recv_tensors(described: list[list], src: int) -> tuple[torch.Tensor, ...]:
+    return tuple(_recv(tuple(shape), _DTYPE_OF[dtype], src) for shape, dtype in described)
+
+
 class TorchrunPool(WorkerPool):
     """Rank 0's view of the worker ranks.
 
@@ -90,10 +107,10 @@ class TorchrunPool(WorkerPool):
     (gloo's ``irecv`` cannot be polled for completion), and queues the result.
     """
 
-    def __init__(self, world: int, ctrl: Any, out_shape: tuple[int, ...], job_timeout_s: float) -> None:
+    def __init__(self, world: int, ctrl: Any, job_timeout_s: float) -> None:
         super().__init__()
         self.ranks = list(range(1, world))
-        self.ctrl, self.out_shape, self.job_timeout_s = ctrl, out_shape, job_timeout_s
+        self.ctrl, self.job_timeout_s = ctrl, job_timeout_s
         self.busy: dict[int, tuple[Job, float]] = {}  # rank -> (job, since)
         self.results: queue.Queue = queue.Queue()
         self.expect: dict[int, queue.Queue] = {r: queue.Queue() for r in self.ranks}
@@ -109,16 +126,20 @@ class TorchrunPool(WorkerPool):
     def idle(self) -> int:
         return len(self.ranks) - len(self.busy)
 
-    def submit(self, job: Job, tensor: torch.Tensor) -> None:
+    def submit(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> None:
         rank = next(r for r in self.ranks if r not in self.busy)
-        op = OP_GEN if job.kind == GENERATION else OP_STEP
+        op = {GENERATION: OP_GEN, DRAFT: OP_DRAFT}.get(job.kind, OP_STEP)
+        tensors = tuple(tensors)
         self.busy[rank] = (job, time.perf_counter())
         self.expect[rank].put(job)
-        _send_header([op, job.id, job.sample, job.step, job.window, _TS_DTYPES.index(job.timestep_dtype)],
-                     job.timestep, rank)
-        _send(tensor, rank)
+        blob = _blob_bytes({"job": job.meta, "tensors": _describe(tensors)})
+        _send_header([op, job.id, job.sample, job.step, job.window, _TS_DTYPES.index(job.timestep_dtype),
+                      len(tensors), len(blob)], job.timestep, rank)
+        _send(torch.tensor(list(blob), dtype=torch.uint8), rank)
+        for t in tensors:
+            _send(t, rank)
         self.stats.jobs += 1
-        self.stats.bytes_to_workers += tensor_bytes(tensor)
+        self.stats.bytes_to_workers += tensor_bytes(tensors)
 
     def cancel(self, job_id: int) -> None:
         for rank, (job, _) in list(self.busy.items()):
@@ -155,14 +176,14 @@ class TorchrunPool(WorkerPool):
         h = _recv((_HEADER,), torch.int64, rank).tolist()
         status = _STATUS[h[6]]
         compute = _recv((1,), torch.float64, rank)
-        output, meta = None, {}
-        if status == DONE:
-            output = _recv(self.out_shape, torch.float32, rank)
-            self.stats.bytes_from_workers += tensor_bytes(output)
-        if h[7]:
-            meta = json.loads(bytes(_recv((h[7],), torch.uint8, rank).tolist()).decode())
+        blob = json.loads(bytes(_recv((h[7],), torch.uint8, rank).tolist()).decode())
+        output = None
+        if blob["output"] is not None:
+            (output,) = _recv_tensors([blob["output"]], rank)
+        features = _recv_tensors(blob["features"], rank)
+        self.stats.bytes_from_workers += tensor_bytes(output) + tensor_bytes(features)
         self.stats.cancelled_mid_forward += status == CANCELLED
-        return JobResult(job, status, output, rank, float(compute[0]), meta)
+        return JobResult(job, status, output, rank, float(compute[0]), blob["meta"], features=features)
 
     def close(self) -> None:
         for rank in self.ranks:
@@ -173,7 +194,7 @@ class TorchrunPool(WorkerPool):
             t.join(timeout=10)
 
 
-def serve(worker: Any, ctrl: Any, in_shape: tuple[int, ...], in_dtype: torch.dtype, noise_shape: tuple[int, ...]) -> int:
+def serve(worker: Any, ctrl: Any) -> int:
     """A worker rank's loop: receive jobs from rank 0, run them, send results; returns jobs run."""
     flags: dict[int, threading.Event] = {}
     lock = threading.Lock()
@@ -197,35 +218,28 @@ def serve(worker: Any, ctrl: Any, in_shape: tuple[int, ...], in_dtype: torch.dty
         if h[0] == OP_STOP:
             listener.join(timeout=10)
             return runs
-        kind = GENERATION if h[0] == OP_GEN else STEP
-        tensor = _recv(noise_shape if kind == GENERATION else in_shape,
-                       torch.float32 if kind == GENERATION else in_dtype, 0)
-        job = Job(h[1], kind, h[2], h[3], float(ts[0]), _TS_DTYPES[h[5]], h[4])
+        kind = {OP_GEN: GENERATION, OP_DRAFT: DRAFT}.get(h[0], STEP)
+        blob = json.loads(bytes(_recv((h[7],), torch.uint8, 0).tolist()).decode())
+        tensors = _recv_tensors(blob["tensors"], 0)
+        job = Job(h[1], kind, h[2], h[3], float(ts[0]), _TS_DTYPES[h[5]], h[4], blob["job"])
         with lock:
             flag = flags.setdefault(job.id, threading.Event())
         try:
-            r = worker.run(job, tensor, flag, rank)
+            r = worker.run(job, tensors, flag, rank)
         except Exception as exc:  # reported to rank 0, which fails the run clearly
             r = JobResult(job, "failed", None, rank, 0.0, {"error": f"{type(exc).__name__}: {exc}"})
         with lock:
             flags.pop(job.id, None)
-        meta = json.dumps(r.meta).encode() if r.meta else b""
-        _send(torch.tensor([OP_RESULT, job.id, 0, 0, 0, 0, _STATUS.index(r.status), len(meta)], dtype=torch.int64), 0)
+        output = r.output.float() if r.status == DONE and r.output is not None else None
+        features = tuple(r.features) if r.status == DONE else ()
+        reply = _blob_bytes({"meta": r.meta, "output": None if output is None else _describe((output,))[0],
+                             "features": _describe(features)})
+        _send(torch.tensor([OP_RESULT, job.id, 0, 0, 0, 0, _STATUS.index(r.status), len(reply)], dtype=torch.int64), 0)
         _send(torch.tensor([r.compute_s], dtype=torch.float64), 0)
-        if r.status == DONE:
-            _send(r.output.float(), 0)
-        if meta:
-            _send(torch.tensor(list(meta), dtype=torch.uint8), 0)
+        _send(torch.tensor(list(reply), dtype=torch.uint8), 0)
+        for t in ((output,) if output is not None else ()) + features:
+            _send(t, 0)
         runs += 1
-
-
-def _shapes(cfg: Any, spec: WorkerSpec, plan: Any) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...], tuple[int, ...]]:
-    """(model input shape, its dtype, output shape, generation noise shape) of one job."""
-    if cfg.runtime.mode == "latency":
-        t = plan[0]
-        return tuple(t.x_in.shape), t.x_in.dtype, tuple(t.x.shape), tuple(t.x.shape)
-    shape = (1, *plan.shape[1:])
-    return shape, torch.float32, shape, shape
 
 
 def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
@@ -236,11 +250,8 @@ def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = T
     rank, world, ctrl = init(cfg.runtime, spec.device)
     if rank != 0:
         raise SpecdistError("run_on_torchrun is rank 0's entry point; worker ranks call run_worker_rank")
-    in_shape, in_dtype, out_shape, _ = _shapes(cfg, spec, plan)
-    # the job's shapes go to the workers once (a worker rank cannot build the plan cheaply)
-    dims = torch.tensor([len(in_shape), *in_shape] + [0] * (8 - len(in_shape)), dtype=torch.int64)
-    dist.broadcast(dims.to(_wire()), src=0)
-    pool = TorchrunPool(world, ctrl, out_shape, cfg.runtime.job_timeout_s)
+    dist.broadcast_object_list([spec.calibration], src=0, group=ctrl)  # workers' generations need it
+    pool = TorchrunPool(world, ctrl, cfg.runtime.job_timeout_s)
     log(f"specdist: torchrun backend: {world - 1} worker ranks ({dist.get_backend()})")
     try:
         result = coordinate(pool, cfg, plan, progress)
@@ -256,14 +267,10 @@ def run_worker_rank(cfg: Any, spec: WorkerSpec) -> int:
     from .worker import StepWorker
 
     rank, world, ctrl = init(cfg.runtime, spec.device)
-    worker = StepWorker.from_spec(spec)
-    dims = torch.zeros(9, dtype=torch.int64, device=_wire())
-    dist.broadcast(dims, src=0)
-    dims = dims.cpu()
-    n = int(dims[0])
-    shape = tuple(int(d) for d in dims[1:1 + n])
-    dtype = model_dtype(worker.model)
+    calibration = [None]
+    dist.broadcast_object_list(calibration, src=0, group=ctrl)  # rank 0's calibration (quality target)
+    worker = StepWorker.from_spec(dataclasses.replace(spec, calibration=calibration[0]))
     try:
-        return serve(worker, ctrl, shape, dtype, shape)
+        return serve(worker, ctrl)
     finally:
         worker.close()

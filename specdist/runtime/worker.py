@@ -2,8 +2,11 @@
 
 Every backend wraps one :class:`StepWorker` per worker (a thread, a Ray actor or a torchrun rank).
 A diffusers ``ModelHook`` on each block checks the job's cancel flag before the block runs, so a
-cancelled job stops mid-forward (PipeInfer's early cancellation); with ``emulate_step_s`` the same
-hook also waits ``emulate_step_s / blocks`` per block, so an emulated step is cancellable too.
+cancelled job stops mid-forward (PipeInfer's early cancellation); with ``emulate_step_s`` (full
+calls) or ``emulate_draft_s`` (drafts) the same hook also waits that time spread over the blocks,
+so an emulated call is cancellable too. Latency-mode step jobs may record the block-level features
+of the cached region and drafts run the engine's speculative call (:class:`SpeculationHooks`,
+installed on first use); both are stateless — the coordinator owns the history.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..models.base import Conditioning, ModelAdapter
+from ..engine.hooks import SpeculationHooks
 from ..sampling import model_dtype
-from .jobs import CANCELLED, DONE, GENERATION, Job, JobResult, WorkerSpec
+from .jobs import CANCELLED, DONE, DRAFT, GENERATION, Job, JobResult, WorkerSpec
 
 _HOOK = "specdist_runtime_cancel"
 
@@ -34,18 +38,20 @@ class JobCancelled(Exception):
 
 
 class _CancelHook(ModelHook):
-    """Before each block: stop if this thread's job was cancelled; wait the emulated block time."""
+    """Before each block: stop if this thread's job was cancelled; wait the emulated block time
+    (``state.block_wait_s``: a full call's or a draft's share, set per job)."""
 
-    def __init__(self, state: threading.local, block_wait_s: float) -> None:
+    def __init__(self, state: threading.local) -> None:
         super().__init__()
-        self.state, self.block_wait_s = state, block_wait_s
+        self.state = state
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any):
         flag: threading.Event | None = getattr(self.state, "flag", None)
         if flag is not None:
             if flag.is_set():
                 raise JobCancelled()
-            if self.block_wait_s > 0 and getattr(self.state, "emulate", False) and flag.wait(self.block_wait_s):
+            wait = getattr(self.state, "block_wait_s", 0.0)
+            if wait > 0 and flag.wait(wait):
                 raise JobCancelled()
         return args, kwargs
 
@@ -67,11 +73,12 @@ class StepWorker:
         self.cond = cond.to(self.device, dtype)
         self.state = threading.local()
         blocks = adapter.blocks(model)
-        wait = spec.emulate_step_s / max(len(blocks), 1)
         for block in blocks:
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(_CancelHook(self.state, wait), _HOOK)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_CancelHook(self.state), _HOOK)
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
         self._blocks = blocks
+        self._hooks: SpeculationHooks | None = None  # block-level recording and drafts, made on first use
+        self._hooks_lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> "StepWorker":
@@ -83,51 +90,105 @@ class StepWorker:
                             scheduler_config=dict(spec.scheduler_config))
         return cls(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
 
+    def speculation_hooks(self) -> SpeculationHooks:
+        """The engine's block-level hooks on this worker's model (reentrant across threads)."""
+        with self._hooks_lock:
+            if self._hooks is None:
+                cache = self.spec.cache
+                self._hooks = SpeculationHooks(self.model, self.adapter, cache.get("probe_block", -1), "block")
+            return self._hooks
+
     def close(self) -> None:
         """Remove the hooks from the model."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
         for block in self._blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(_HOOK)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
 
-    def run(self, job: Job, tensor: torch.Tensor, flag: threading.Event, worker: int = -1) -> JobResult:
-        """Run ``job`` on ``tensor`` (a step's model input, or a generation's initial noise).
+    def run(self, job: Job, tensors: torch.Tensor | tuple[torch.Tensor, ...], flag: threading.Event,
+            worker: int = -1) -> JobResult:
+        """Run ``job`` on its ``tensors`` (see :class:`~specdist.runtime.jobs.Job`; a single tensor is
+        accepted for one-tensor jobs).
 
         Returns a ``cancelled`` result when ``flag`` is set before or during the forward pass.
         """
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
         start = time.perf_counter()
         self.state.flag = flag
+        n_blocks = max(len(self._blocks), 1)
         try:
+            features: tuple[torch.Tensor, ...] = ()
             if job.kind == GENERATION:
-                out, meta = self._generation(job, tensor)
+                out, meta = self._generation(job, tensors[0])
+            elif job.kind == DRAFT:
+                self.state.block_wait_s = self.spec.emulate_draft_s / n_blocks
+                out, meta = self._draft(job, tensors), {}
             else:
-                self.state.emulate = True
-                out, meta = self._step(job, tensor), {}
-            return JobResult(job, DONE, out, worker, time.perf_counter() - start, meta)
+                self.state.block_wait_s = self.spec.emulate_step_s / n_blocks
+                out, features, meta = self._step(job, tensors[0])
+            return JobResult(job, DONE, out, worker, time.perf_counter() - start, meta, features=features)
         except JobCancelled:
             return JobResult(job, CANCELLED, None, worker, time.perf_counter() - start)
         finally:
             self.state.flag = None
-            self.state.emulate = False
+            self.state.block_wait_s = 0.0
 
-    def _step(self, job: Job, x_in: torch.Tensor) -> torch.Tensor:
+    def _predict(self, job: Job, x_in: torch.Tensor) -> torch.Tensor:
         cond = self.cond.select(torch.tensor([job.sample]))
         with torch.inference_mode():
-            out = self.adapter.predict(self.model, x_in.to(self.device), job.timestep_tensor(), cond)
-        return out.float().cpu()
+            return self.adapter.predict(self.model, x_in.to(self.device), job.timestep_tensor(), cond).float()
+
+    def _step(self, job: Job, x_in: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], dict]:
+        """A full call; ``meta["record"]`` ``measure`` returns the branch sizes, ``record`` the
+        block-level features of the region from ``meta["start"]`` (flat, in the hooks' order)."""
+        record = job.meta.get("record", "off")
+        if record == "off":
+            return self._predict(job, x_in).cpu(), (), {}
+        hooks = self.speculation_hooks()
+        plan = hooks.plan(record, start=job.meta.get("start", 0))
+        try:
+            out = self._predict(job, x_in).cpu()
+        finally:
+            hooks.plan("off")
+        if record == "measure":
+            return out, (), {"sizes": dict(plan.sizes)}
+        names = hooks.feature_names(job.meta.get("start", 0))
+        feats = [plan.recorded[n] for n in names]
+        layout = [[n, len(f)] for n, f in zip(names, feats)]
+        return out, tuple(t.float().cpu() for f in feats for t in f), {"layout": layout}
+
+    def _draft(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """A speculative call: the forecast features re-gated by every block's norms and the step's
+        modulation (the engine's ``speculate`` plan, without the probe)."""
+        hooks = self.speculation_hooks()
+        forecast, k = {}, 1
+        for name, n in job.meta["layout"]:
+            forecast[name] = tuple(t.to(self.device) for t in tensors[k:k + n])
+            k += n
+        hooks.plan("speculate", verify=False, forecast=forecast, start=job.meta.get("start", 0))
+        try:
+            return self._predict(job, tensors[0]).cpu()
+        finally:
+            hooks.plan("off")
 
     def _generation(self, job: Job, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
         from ..engine.config import CacheConfig, PeerConfig
         from ..methods import run_method
 
         spec = self.spec
+        from ..engine.calibration import Calibration
+
+        calibration = None if spec.calibration is None else Calibration.from_json(spec.calibration)
         result = run_method(spec.method, self.model, self.adapter, self.scheduler,
                             self.cond.select(torch.tensor([job.sample])), noise, spec.steps,
-                            cache=CacheConfig(**spec.cache), peer=PeerConfig(**spec.peer), progress=False)
-        if spec.emulate_step_s > 0:  # the emulated cost of the full-model evaluations this run made
-            flag = self.state.flag
-            if flag.wait(spec.emulate_step_s * result.nfe):
-                raise JobCancelled()
+                            cache=CacheConfig(**spec.cache), peer=PeerConfig(**spec.peer), progress=False,
+                            calibration=calibration)
         stats = getattr(result, "stats", None)
+        wait = spec.emulate_step_s * result.nfe + spec.emulate_draft_s * (stats.spec_calls if stats is not None else 0)
+        if wait > 0 and self.state.flag.wait(wait):  # the emulated cost of the calls this run made
+            raise JobCancelled()
         meta = {"nfe": result.nfe, "wall_s": result.wall_s,
                 "decisions": "".join(stats.decisions[0]) if stats is not None else "F" * spec.steps}
         return result.latents, meta
