@@ -31,11 +31,15 @@ class ZooSpec:
     sample_shape: tuple[int, ...]  # per-sample pixel shape, channels first
     text_encoder_config: dict[str, Any] | None = None
     class_names: tuple[str, ...] = ()
+    default_prompts: tuple[str, ...] = ()  # prompts of a job that names none (text models)
     default_guidance: float = 1.0
     train: dict[str, Any] = field(default_factory=dict)
 
 
 VIDEO_VOCAB = sorted({*COLOURS, *VIDEO_SHAPES, *DIRECTIONS, "moving"})
+IMAGE_VOCAB = sorted({*COLOURS, *(w for s in SHAPE_CLASSES for w in s.split())})
+# One prompt per shape class, the colours in turn.
+IMAGE_PROMPTS = tuple(f"{c} {s}" for c, s in zip([*COLOURS] * 2, SHAPE_CLASSES))
 
 ZOO_SPECS: dict[str, ZooSpec] = {
     "dit-shapes": ZooSpec(
@@ -97,5 +101,33 @@ ZOO_SPECS: dict[str, ZooSpec] = {
         text_encoder_config=dict(vocab=VIDEO_VOCAB, max_length=6, embed_dim=32, pooled_dim=32),
         default_guidance=3.0,
         train=dict(batch_size=16, lr=1e-3, warmup=200, ema_decay=0.998),
+    ),
+    "wan-shapes": ZooSpec(
+        name="wan-shapes",
+        family="wan",
+        description="text-to-image 32x32 RGB shapes as one-frame Wan video ('red circle', 'blue vertical stripes'), "
+                    "flow matching; held out of every tuning decision",
+        transformer_class="WanTransformer3DModel",
+        transformer_config=dict(
+            patch_size=(1, 4, 4),
+            num_attention_heads=2,
+            attention_head_dim=32,
+            in_channels=3,
+            out_channels=3,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=128,
+            num_layers=16,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        ),
+        objective="flow_matching",
+        scheduler_class="FlowMatchEulerDiscreteScheduler",
+        scheduler_config=dict(num_train_timesteps=1000, shift=3.0),
+        sample_shape=(3, 1, 32, 32),
+        text_encoder_config=dict(vocab=IMAGE_VOCAB, max_length=6, embed_dim=32, pooled_dim=None),
+        default_prompts=IMAGE_PROMPTS,
+        default_guidance=3.5,
+        train=dict(batch_size=32, lr=1e-3, warmup=200, ema_decay=0.999),
     ),
 }
