@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from specdist.bench import DEFAULT_VIDEO_PROMPTS
 from specdist.engine.config import CacheConfig
 from specdist.engine.speculative import sample_cached
 from specdist.loading import load_model
@@ -53,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_model(MODEL)
     n = args.samples
-    cond = bundle.encode([DEFAULT_VIDEO_PROMPTS[i % len(DEFAULT_VIDEO_PROMPTS)] for i in range(n)], [],
+    cond = bundle.encode([bundle.default_prompts[i % len(bundle.default_prompts)] for i in range(n)], [],
                          bundle.default_guidance, 0)
     noise = initial_noise(bundle.latent_shape(None, None, None), list(range(n)))
     run = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, STEPS)

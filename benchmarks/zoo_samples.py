@@ -1,10 +1,11 @@
 """Samples and per-step feature dynamics of the shipped zoo models (written to benchmarks/zoo/).
 
-    python benchmarks/zoo_samples.py            # ~2 min on 2 CPU cores
+    python benchmarks/zoo_samples.py            # ~3 min on 2 CPU cores
 
-For each zoo model: a sample sheet (PNG; for video also a GIF) from 50 full steps, and a plot of
-how much the features change from one step to the next — the model output and the hidden states
-entering the last block (what specdist forecasts) — relative change ``‖F_i − F_{i−1}‖ / ‖F_i‖``.
+For each zoo model: a sample sheet (PNG; for video also a GIF; a one-frame video is an image) from
+50 full steps, and a plot of how much the features change from one step to the next — the model
+output and the hidden states entering the last block (what specdist forecasts) — relative change
+``‖F_i − F_{i−1}‖ / ‖F_i‖``.
 Smooth, small changes after a structured early phase are what make forecasting work.
 """
 
@@ -21,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from specdist import media  # noqa: E402
-from specdist.loading import DEFAULT_VIDEO_PROMPTS, load_model  # noqa: E402
+from specdist.loading import load_model  # noqa: E402
 from specdist.models.hooks import BlockTap  # noqa: E402
 from specdist.sampling import fresh_scheduler, init_latents, initial_noise, scale_input  # noqa: E402
 
@@ -36,7 +37,8 @@ def trajectory(name: str, n: int, steps: int) -> tuple[torch.Tensor, dict[str, l
         labels = [bundle.class_names[i % len(bundle.class_names)] for i in range(n)]
         cond, inputs = bundle.encode([], labels, bundle.default_guidance, 0), labels
     else:
-        prompts = [DEFAULT_VIDEO_PROMPTS[i % len(DEFAULT_VIDEO_PROMPTS)] for i in range(n)]
+        defaults = bundle.default_prompts
+        prompts = [defaults[i % len(defaults)] for i in range(n)]
         cond, inputs = bundle.encode(prompts, [], bundle.default_guidance, 0), prompts
     shape = bundle.latent_shape(None, None, None)
     sched = fresh_scheduler(bundle.scheduler)
@@ -63,10 +65,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    models = (("dit-shapes", 16), ("hunyuan-shapes-video", 8), ("wan-shapes", 16))
+    fig, ax = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5))
     summary = {}
-    for k, (name, n) in enumerate((("dit-shapes", 16), ("hunyuan-shapes-video", 8))):
+    for k, (name, n) in enumerate(models):
         pixels, change, info = trajectory(name, n, args.steps)
+        if pixels.ndim == 5 and pixels.shape[2] == 1:  # one-frame video: an image
+            pixels = pixels[:, :, 0]
         if pixels.ndim == 5:
             media.save_video_grid_png(pixels, args.out / f"{name}.png")
             media.save_gif(pixels, args.out / f"{name}.gif", fps=6)

@@ -21,7 +21,7 @@ from .engine.accounting import summarize
 from .engine.config import CacheConfig, PeerConfig
 from .env import environment
 from .errors import ConfigError, check_value
-from .loading import DEFAULT_VIDEO_PROMPTS, load_model
+from .loading import load_model
 from .metrics import compare
 from .metrics.flops import flops_breakdown
 from .methods import run_method
@@ -102,7 +102,8 @@ def bench_model(cfg: BenchConfig, model: str, progress: bool = True) -> dict[str
         labels = [bundle.class_names[i % len(bundle.class_names)] for i in range(n)]
         cond = bundle.encode([], labels, bundle.default_guidance, cfg.seed)
     else:
-        prompts = [DEFAULT_VIDEO_PROMPTS[i % len(DEFAULT_VIDEO_PROMPTS)] for i in range(n)]
+        defaults = bundle.default_prompts
+        prompts = [defaults[i % len(defaults)] for i in range(n)]
         cond = bundle.encode(prompts, [], bundle.default_guidance, cfg.seed)
     shape = bundle.latent_shape(None, None, None)
     noise = initial_noise(shape, [cfg.seed + i for i in range(n)])

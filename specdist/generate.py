@@ -19,7 +19,7 @@ from .calibrate import calibration_for
 from .engine.accounting import summarize
 from .engine.speculative import CacheStats
 from .env import environment
-from .loading import DEFAULT_VIDEO_PROMPTS, ModelBundle, load_model, scheduler_record
+from .loading import ModelBundle, load_model, scheduler_record
 from .metrics import compare
 from .metrics.flops import flops_breakdown
 from .metrics.telemetry import GpuTelemetry
@@ -40,14 +40,15 @@ def job_inputs(cfg: GenerateConfig, bundle: ModelBundle) -> tuple[list[str], lis
         labels = _cycled(cfg.class_labels or list(bundle.class_names) or ["0"], n)
         bundle.class_ids(labels)  # validate early, before any compute
     if bundle.conditions_on in ("text", "none"):
-        default = DEFAULT_VIDEO_PROMPTS if bundle.adapter.is_video else ["a photo"]
-        prompts = _cycled(cfg.prompt or default, n)
+        prompts = _cycled(cfg.prompt or bundle.default_prompts, n)
     return prompts, labels
 
 
 def _write_media(pixels: torch.Tensor | None, out: Path, fps: int) -> list[str]:
     if pixels is None:
         return []
+    if pixels.ndim == 5 and pixels.shape[2] == 1:  # a one-frame video is an image
+        pixels = pixels[:, :, 0]
     if pixels.ndim == 5:
         media.save_video(pixels, out / "video.mp4", fps=fps)
         media.save_video_grid_png(pixels, out / "frames.png")

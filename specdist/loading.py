@@ -22,7 +22,6 @@ from .errors import CheckpointError, ConfigError
 from .models import ModelAdapter, adapter_for
 from .models.base import Conditioning
 from .models.dit import DiTAdapter
-from .models.hunyuan_video import HunyuanVideoAdapter
 from .zoo import ZOO_SPECS, checkpoint_path
 from .zoo.text_encoder import PromptEncoder
 
@@ -52,6 +51,7 @@ class ModelBundle:
     text_encoder: PromptEncoder | None = None
     pipeline: Any = None
     class_names: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()  # the model's own example prompts (zoo text models)
     default_guidance: float = 1.0
     default_size: tuple[int, int, int] = (32, 32, 1)  # height, width, frames (latent units)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +66,13 @@ class ModelBundle:
         if self.adapter.family == "dit":
             return "class"
         return "text" if (self.text_encoder is not None or self.pipeline is not None) else "none"
+
+    @property
+    def default_prompts(self) -> list[str]:
+        """Prompts of a job that names none: the model's own, else generic video or image ones."""
+        if self.prompts:
+            return list(self.prompts)
+        return list(DEFAULT_VIDEO_PROMPTS) if self.adapter.is_video else ["a photo"]
 
     def latent_shape(self, height: int | None, width: int | None, frames: int | None) -> tuple[int, ...]:
         """Per-sample latent shape for the requested size (defaults where ``None``)."""
@@ -100,7 +107,7 @@ class ModelBundle:
             with torch.inference_mode():
                 cond = self.text_encoder(prompts)
                 uncond = self.text_encoder([""] * len(prompts)) if guidance_scale > 1.0 else None
-            return HunyuanVideoAdapter.conditioning(*cond, uncond=uncond, guidance_scale=guidance_scale)
+            return self.adapter.prompt_conditioning(cond, uncond, guidance_scale)
         if self.pipeline is not None:
             return self.adapter.pipeline_conditioning(self.pipeline, prompts, [], guidance_scale, device)
         gen = torch.Generator().manual_seed(seed)
@@ -157,13 +164,38 @@ def scheduler_record(scheduler: Any) -> dict[str, Any]:
     return {"class": type(scheduler).__name__, "config": json.loads(json.dumps(config, default=str))}
 
 
+def _load_transformer(cls: type, path: Path, dtype: torch.dtype) -> nn.Module:
+    """``cls.from_pretrained(path)`` in ``dtype``, also where diffusers cannot do it without accelerate.
+
+    Classes that keep modules in fp32 (Wan: ``rope``, ``time_embedder``, ``norm1``…) load only with
+    accelerate's low-memory path in diffusers 0.42; without accelerate (not a specdist dependency)
+    they are built from their config, given the single safetensors file's weights and cast as
+    diffusers casts them: the kept modules' tensors fp32, every other floating tensor ``dtype``.
+    """
+    from diffusers.utils import is_accelerate_available
+
+    keep = cls._keep_in_fp32_modules
+    if not keep:
+        return cls.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False)
+    if is_accelerate_available():
+        return cls.from_pretrained(path, torch_dtype=dtype)
+    from safetensors.torch import load_file
+
+    model = cls.from_config(cls.load_config(path))
+    model.load_state_dict(load_file(str(path / "diffusion_pytorch_model.safetensors")))
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if set(keep) & set(name.split(".")) else dtype)
+    return model
+
+
 def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
     meta = json.loads((path / "specdist_model.json").read_text())
     spec = ZOO_SPECS.get(meta.get("name", name))
     if spec is None:
         raise CheckpointError(f"{path}: specdist_model.json names unknown zoo model {meta.get('name')!r}")
     cls = getattr(diffusers, spec.transformer_class)
-    transformer = cls.from_pretrained(path / "transformer", torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
+    transformer = _load_transformer(cls, path / "transformer", dtype).to(device).eval()
     scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(path / "scheduler")
     text_encoder = None
     if (path / "text_encoder").is_dir():
@@ -172,7 +204,7 @@ def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype)
     frames = rest[0] if len(rest) == 3 else 1
     return ModelBundle(
         name=spec.name, source="zoo", path=path, transformer=transformer, adapter=adapter_for(transformer),
-        scheduler=scheduler, text_encoder=text_encoder, class_names=spec.class_names,
+        scheduler=scheduler, text_encoder=text_encoder, class_names=spec.class_names, prompts=spec.default_prompts,
         default_guidance=spec.default_guidance, default_size=(rest[-2], rest[-1], frames), meta=meta,
     )
 
@@ -217,7 +249,7 @@ def _transformer_bundle(path: Path, scheduler_name: str | None, device: torch.de
         )
     else:
         scheduler = _scheduler_class(scheduler_name)()
-    transformer = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
+    transformer = _load_transformer(getattr(diffusers, cls_name), path, dtype).to(device).eval()
     size = getattr(transformer.config, "sample_size", 32) or 32
     return ModelBundle(
         name=str(path), source="transformer", path=path, transformer=transformer, adapter=adapter,

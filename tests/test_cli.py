@@ -56,6 +56,18 @@ def test_generate_video_model_writes_mp4_and_speca_reports_quality(tmp_path):
     assert 0 < overhead["speculative_time_fraction_of_full_inference"] < 1
 
 
+def test_generate_one_frame_wan_model_writes_an_image_grid(tmp_path):
+    out = tmp_path / "w"
+    assert main(["generate", "--quiet", "--set", "model=wan-shapes", "--set", "steps=3", "--set", "num_samples=2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "wan-shapes" and report["model_class"] == "WanTransformer3DModel"
+    assert report["prompts"] == ["red circle", "green square"]  # the model's own default prompts
+    assert report["latent_shape"] == [3, 1, 32, 32] and report["tokens"] == {"video": 64, "text": 6}
+    assert report["media"] == ["grid.png"] and (out / "grid.png").stat().st_size > 0
+    assert report["guidance_scale"] == 3.5 and report["nfe"] == 3
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -102,9 +114,10 @@ def test_models_and_info_commands(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out
     assert "dit-shapes" in text and "hunyuan-shapes-video" in text and "HunyuanVideoTransformer3DModel" in text
+    assert "wan-shapes" in text
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"] for r in rows} == {"dit-shapes", "hunyuan-shapes-video"}
+    assert {r["name"] for r in rows} == {"dit-shapes", "hunyuan-shapes-video", "wan-shapes"}
     assert all(r["available"] and r["parameters"] > 0 for r in rows)
     assert main(["info", "--json"]) == 0
     env = json.loads(capsys.readouterr().out)

@@ -115,3 +115,22 @@ def test_scheduler_swap_and_bad_scheduler_keys():
         load_model("dit-shapes", device="cpu", scheduler_config={"bogus": 1})
     with pytest.raises(ConfigError, match="invalid value for 'scheduler': 'Foo'"):
         load_model("dit-shapes", device="cpu", scheduler="Foo")
+
+
+def test_bare_wan_transformer_loads_without_accelerate(tmp_path):
+    """Wan keeps some modules in fp32, which diffusers loads only through accelerate; specdist loads it
+    either way, with the same weights and the same fp32 modules under a lower-precision dtype."""
+    from diffusers import WanTransformer3DModel
+
+    original = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2)
+    original.save_pretrained(tmp_path / "wan")
+    bundle = load_model(str(tmp_path / "wan"), device="cpu", scheduler="FlowMatchEulerDiscreteScheduler")
+    assert bundle.adapter.family == "wan" and bundle.transformer.dtype == torch.float32
+    loaded = bundle.transformer.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in original.state_dict().items())
+    half = load_model(str(tmp_path / "wan"), device="cpu", dtype="bfloat16", scheduler="FlowMatchEulerDiscreteScheduler")
+    dtypes = {n: p.dtype for n, p in half.transformer.named_parameters()}
+    assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert dtypes["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
+    assert dtypes["scale_shift_table"] == torch.float32

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from specdist.loading import load_model
 from specdist.zoo import ZOO_SPECS, checkpoint_path, zoo_listing
-from specdist.zoo.data import moving_shape_videos, shape_images, video_prompts
+from specdist.zoo.data import image_prompts, moving_shape_videos, prompted_shape_images, shape_images, video_prompts
 
 
 def _reference_module(repo_root):
@@ -57,6 +57,63 @@ def test_datasets_are_pure_functions_of_the_seed():
     w = moving_shape_videos(4, torch.Generator().manual_seed(3))
     assert torch.equal(v.pixels, w.pixels) and v.prompts == w.prompts
     assert set(v.prompts) <= set(video_prompts())
+    p = prompted_shape_images(12, torch.Generator().manual_seed(3))
+    q = prompted_shape_images(12, torch.Generator().manual_seed(3))
+    assert torch.equal(p.pixels, q.pixels) and p.prompts == q.prompts
+    assert set(p.prompts) <= set(image_prompts()) and len(set(image_prompts())) == 32
+    assert p.pixels.min() >= -1 and p.pixels.max() <= 1
+
+
+def test_prompted_images_are_the_shape_images_named_by_colour_and_class():
+    """Same draws as the class-conditional stream: the prompt names the image's class and its colour."""
+    from specdist.zoo.data import COLOURS, SHAPE_CLASSES
+
+    images = shape_images(24, torch.Generator().manual_seed(5))
+    prompted = prompted_shape_images(24, torch.Generator().manual_seed(5))
+    assert torch.equal(images.pixels, prompted.pixels)
+    for label, pixels, prompt in zip(images.labels.tolist(), prompted.pixels, prompted.prompts):
+        colour, shape = prompt.split(" ", 1)
+        assert shape == SHAPE_CLASSES[label]
+        rgb = ((pixels + 1) / 2).flatten(1)
+        brightest = rgb[:, rgb.sum(dim=0).argmax()]  # the foreground is brighter than any background
+        assert torch.allclose(brightest, torch.tensor(COLOURS[colour]), atol=0.02), prompt
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_SPECS))
+def test_training_step_runs_for_every_spec(name):
+    """One loss and backward pass of each zoo recipe on a fresh model (batch 2)."""
+    from specdist.zoo.build import build_text_encoder, build_transformer
+    from specdist.zoo.train import _batch, _loss
+
+    spec = ZOO_SPECS[name]
+    gen = torch.Generator().manual_seed(0)
+    model, text_encoder = build_transformer(spec), build_text_encoder(spec)
+    noise_sched = None
+    if spec.objective == "v_prediction":
+        from diffusers import DDPMScheduler
+
+        noise_sched = DDPMScheduler(beta_schedule=spec.scheduler_config["beta_schedule"], prediction_type="v_prediction")
+    x0, cond = _batch(spec, 2, gen)
+    assert tuple(x0.shape) == (2, *spec.sample_shape)
+    loss = _loss(spec, model, text_encoder, noise_sched, x0, cond, gen, cfg_drop=0.5, sigma_sampling="mixed")
+    loss.backward()
+    assert torch.isfinite(loss)
+    trained = [model] + ([text_encoder] if text_encoder is not None else [])
+    assert all(p.grad is not None for m in trained for p in m.parameters()), "a parameter the loss never reaches"
+
+
+def test_wan_zoo_conditioning_is_zero_padded_states_only():
+    """Wan takes per-token states zeroed after the prompt (as WanPipeline pads), no mask, no pooled vector;
+    the empty prompt (guidance) is the one <null> token."""
+    bundle = load_model("wan-shapes", device="cpu")
+    cond = bundle.encode(["red circle", "blue vertical stripes"], [], 3.5, 0)
+    assert set(cond.kwargs) == {"encoder_hidden_states"} and set(cond.uncond_kwargs) == {"encoder_hidden_states"}
+    states, null = cond.kwargs["encoder_hidden_states"], cond.uncond_kwargs["encoder_hidden_states"]
+    assert states.shape == null.shape == (2, bundle.text_encoder.config.max_length, bundle.transformer.config.text_dim)
+    for row, words in enumerate((2, 3)):
+        assert (states[row, :words].abs().sum(dim=-1) > 0).all() and not states[row, words:].any()
+    assert (null[:, 0].abs().sum(dim=-1) > 0).all() and not null[:, 1:].any()
+    assert bundle.encode(["red circle"], [], 1.0, 0).uncond_kwargs is None
 
 
 def test_video_motion_matches_the_prompt():

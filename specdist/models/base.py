@@ -79,6 +79,10 @@ class BranchSpec:
     skipped: tuple[str, ...] = ()
 
 
+EncodedPrompts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+"""A prompt encoder's ``(states [B, L, D], mask [B, L] bool, pooled [B, P] or None)``."""
+
+
 @dataclass
 class Conditioning:
     """Per-sample model inputs that do not change over the denoising steps.
@@ -199,6 +203,15 @@ class ModelAdapter(ABC):
     def pipeline_decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Decode final latents with the pipeline's VAE to pixels in [-1, 1]."""
         raise NotImplementedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
+
+    # ----- specdist zoo prompt encoder ------------------------------------------------------------
+    def prompt_conditioning(self, encoded: EncodedPrompts, uncond: EncodedPrompts | None = None,
+                            guidance_scale: float = 1.0) -> Conditioning:
+        """Conditioning from a zoo :class:`~specdist.zoo.text_encoder.PromptEncoder`'s output
+        (``states [B, L, D]``, ``mask [B, L]`` bool, ``pooled [B, P]`` or ``None``) and that of the
+        empty prompt ``uncond``, in the form this model's pipeline feeds its transformer.
+        Differentiable (training builds its conditioning the same way)."""
+        raise NotImplementedError(f"{self.model_class}: no conditioning from the zoo's prompt encoder")
 
     @abstractmethod
     def random_conditioning(self, model: nn.Module, batch: int, generator: torch.Generator,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Conditioning, DualStreamAdapter, StreamSpec, timestep_batch
+from .base import Conditioning, DualStreamAdapter, EncodedPrompts, StreamSpec, timestep_batch
 
 _STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(0, 1))
 
@@ -71,6 +71,11 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         extra = {} if embedded_guidance is None else {"embedded_guidance": embedded_guidance}
         return Conditioning(pack(states, mask, pooled), None if uncond is None else pack(*uncond),
                             guidance_scale, extra)
+
+    def prompt_conditioning(self, encoded: EncodedPrompts, uncond: EncodedPrompts | None = None,
+                            guidance_scale: float = 1.0) -> Conditioning:
+        """States, their mask and the pooled vector, as encoded (the mask goes to the model)."""
+        return self.conditioning(*encoded, uncond=uncond, guidance_scale=guidance_scale)
 
     def random_conditioning(self, model, batch, generator, guidance_scale=1.0) -> Conditioning:
         length = 6

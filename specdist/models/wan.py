@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BranchSpec, Conditioning, ModelAdapter, timestep_batch
+from .base import BranchSpec, Conditioning, EncodedPrompts, ModelAdapter, timestep_batch
 
 
 class WanAdapter(ModelAdapter):
@@ -64,6 +64,18 @@ class WanAdapter(ModelAdapter):
         extra = {"expand_timesteps": True} if expand_timesteps else {}
         return Conditioning({"encoder_hidden_states": states},
                             {"encoder_hidden_states": uncond} if use_uncond else None, guidance_scale, extra)
+
+    @staticmethod
+    def prompt_states(encoded: EncodedPrompts) -> torch.Tensor:
+        """Per-token states with every position after the prompt zeroed, as ``WanPipeline`` pads
+        its UMT5 states (Wan takes no mask and no pooled vector)."""
+        states, mask, _ = encoded
+        return states * mask[..., None].to(states.dtype)
+
+    def prompt_conditioning(self, encoded: EncodedPrompts, uncond: EncodedPrompts | None = None,
+                            guidance_scale: float = 1.0) -> Conditioning:
+        return self.conditioning(self.prompt_states(encoded), None if uncond is None else self.prompt_states(uncond),
+                                 guidance_scale)
 
     def random_conditioning(self, model: nn.Module, batch: int, generator: torch.Generator,
                             guidance_scale: float = 1.0) -> Conditioning:

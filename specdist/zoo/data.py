@@ -1,9 +1,11 @@
 """Seeded synthetic datasets the zoo models are trained on.
 
-Both generators draw everything from an explicit ``torch.Generator`` so a dataset is a pure
+The generators draw everything from an explicit ``torch.Generator`` so a dataset is a pure
 function of its seed: the training data can be regenerated bit for bit on any machine.
 
 * :func:`shape_images` — 32×32 RGB images of one of eight shape classes (class-conditional DiT).
+* :func:`prompted_shape_images` — the same images with a text prompt naming colour and class,
+  such as ``"red circle"`` or ``"blue vertical stripes"`` (text-conditional Wan).
 * :func:`moving_shape_videos` — short RGB clips of a coloured shape moving in one direction,
   each with a text prompt such as ``"red square moving right"`` (text-conditional HunyuanVideo).
 
@@ -41,6 +43,11 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "down": (0.0, 1.0),
     "up": (0.0, -1.0),
 }
+
+
+def image_prompts() -> list[str]:
+    """All prompts of the prompted image dataset, in a fixed order (colour × shape class)."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPE_CLASSES]
 
 
 def video_prompts() -> list[str]:
@@ -111,10 +118,11 @@ class ImageBatch:
     labels: torch.Tensor  # [N] int64 class ids into SHAPE_CLASSES
 
 
-def shape_images(n: int, generator: torch.Generator, size: int = 32) -> ImageBatch:
-    """Draw ``n`` images of random shape classes with random colours, positions and sizes."""
+def _draw_shapes(n: int, generator: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixels ``[N, 3, H, W]`` in [-1, 1], class ids ``[N]`` and colour ids ``[N]`` of ``n`` random shapes."""
     labels = torch.randint(len(SHAPE_CLASSES), (n,), generator=generator)
-    fg = _palette(torch.randint(len(COLOURS), (n,), generator=generator))
+    colours = torch.randint(len(COLOURS), (n,), generator=generator)
+    fg = _palette(colours)
     bg_level = 0.05 + 0.2 * torch.rand(n, generator=generator)
     cy = 0.3 + 0.4 * torch.rand(n, generator=generator)
     cx = 0.3 + 0.4 * torch.rand(n, generator=generator)
@@ -128,7 +136,30 @@ def shape_images(n: int, generator: torch.Generator, size: int = 32) -> ImageBat
         mask = _shape_mask(kind, cy[sel], cx[sel], r[sel], phase[sel], size)[:, None]
         bg = bg_level[sel][:, None, None, None].expand(-1, 3, size, size)
         out[sel] = bg * (1 - mask) + fg[sel][:, :, None, None] * mask
-    return ImageBatch(pixels=out * 2 - 1, labels=labels)
+    return out * 2 - 1, labels, colours
+
+
+def shape_images(n: int, generator: torch.Generator, size: int = 32) -> ImageBatch:
+    """Draw ``n`` images of random shape classes with random colours, positions and sizes."""
+    pixels, labels, _ = _draw_shapes(n, generator, size)
+    return ImageBatch(pixels=pixels, labels=labels)
+
+
+@dataclass(frozen=True)
+class PromptedImageBatch:
+    """A batch of prompted images."""
+
+    pixels: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    prompts: list[str]  # N prompts from image_prompts()
+
+
+def prompted_shape_images(n: int, generator: torch.Generator, size: int = 32) -> PromptedImageBatch:
+    """Draw ``n`` images as :func:`shape_images` does (same draws for the same generator state),
+    each with the prompt ``"<colour> <shape class>"``."""
+    pixels, labels, colours = _draw_shapes(n, generator, size)
+    names = list(COLOURS)
+    prompts = [f"{names[c]} {SHAPE_CLASSES[k]}" for k, c in zip(labels.tolist(), colours.tolist())]
+    return PromptedImageBatch(pixels=pixels, prompts=prompts)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Usage::
 
     python -m specdist.zoo.train --model dit-shapes --steps 2400 --out specdist/zoo/checkpoints/dit-shapes
     python -m specdist.zoo.train --model hunyuan-shapes-video --steps 2000 --threads 1 --out ...
+    python -m specdist.zoo.train --model wan-shapes --steps 5500 --threads 1 --sigma-sampling mixed --out ...
 
 The data stream is a pure function of ``--seed`` (see :mod:`specdist.zoo.data`); weights are an EMA
 of the trained weights, stored as fp16 safetensors. ``specdist_model.json`` in the output records
@@ -27,17 +28,33 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..models import adapter_for
 from . import data
 from .build import build_scheduler, build_text_encoder, build_transformer
 from .specs import ZOO_SPECS, ZooSpec
 
 
-def _batch(spec: ZooSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    if spec.family == "dit":
-        b = data.shape_images(n, gen, size=spec.sample_shape[-1])
-        return b.pixels, {"class_labels": b.labels}
+def _shape_batch(spec: ZooSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    b = data.shape_images(n, gen, size=spec.sample_shape[-1])
+    return b.pixels, {"class_labels": b.labels}
+
+
+def _video_batch(spec: ZooSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     b = data.moving_shape_videos(n, gen, frames=spec.sample_shape[1], size=spec.sample_shape[-1])
     return b.pixels, {"prompts": b.prompts}
+
+
+def _one_frame_batch(spec: ZooSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    b = data.prompted_shape_images(n, gen, size=spec.sample_shape[-1])
+    return b.pixels[:, :, None], {"prompts": b.prompts}  # [N, 3, 1, H, W]: a one-frame video
+
+
+_BATCHES = {"dit": _shape_batch, "hunyuan_video": _video_batch, "wan": _one_frame_batch}
+"""Training data of each zoo family: ``(pixels shaped [N, *spec.sample_shape], conditioning)``."""
+
+
+def _batch(spec: ZooSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    return _BATCHES[spec.family](spec, n, gen)
 
 
 def _sigmas(n: int, gen: torch.Generator, sampling: str) -> torch.Tensor:
@@ -68,14 +85,10 @@ def _loss(spec, model, text_encoder, noise_sched, x0, cond, gen, cfg_drop: float
         target = noise - x0
         drop = torch.rand(n, generator=gen) < cfg_drop
         prompts = ["" if d else p for d, p in zip(drop.tolist(), cond["prompts"])]
-        states, mask, pooled = text_encoder(prompts)
-        pred = model(
-            hidden_states=xt,
-            timestep=sigma * 1000.0,
-            encoder_hidden_states=states,
-            encoder_attention_mask=mask,
-            pooled_projections=pooled,
-        ).sample
+        # The text inputs exactly as sampling builds them (the adapter's model fact); the timestep
+        # per sample is sigma x 1000, what the adapters pass from FlowMatchEulerDiscreteScheduler.
+        kwargs = adapter_for(model).prompt_conditioning(text_encoder(prompts)).kwargs
+        pred = model(hidden_states=xt, timestep=sigma * 1000.0, **kwargs).sample
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
