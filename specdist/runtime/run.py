@@ -15,6 +15,7 @@ from ..sampling import fresh_scheduler, init_latents, model_dtype
 from .config import RuntimeConfig
 from .coordinator import Coordinator, RunResult
 from .jobs import WorkerSpec
+from .layout import job_layout
 from .pool import LocalPool
 from .rule import Trajectory
 from .worker import StepWorker, encode_all
@@ -72,6 +73,8 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     ``on_workers(pids)`` is called once the workers are up (tests use it to kill one).
     """
     rt: RuntimeConfig = cfg.runtime
+    if rt.backend in ("ray", "torchrun"):  # the layout fits (model, machine) or the run ends here, at once
+        job_layout(cfg, bundle, tuple(noise.shape[1:]))
     spec = worker_spec(cfg, prompts, labels, guidance)
     dtype = model_dtype(bundle.transformer)
     plan = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype) if rt.mode == "latency" else noise
