@@ -190,6 +190,35 @@ class ModelAdapter(ABC):
         out_cond, out_uncond = out.chunk(2)
         return out_uncond + cond.guidance_scale * (out_cond - out_uncond)
 
+    # ----- context parallelism (a worker that is a gang of ranks) --------------------------------
+    def context_parallel_unsupported(self, model: nn.Module) -> str | None:
+        """Why ``model`` cannot run context-parallel (one line), or ``None`` when it can."""
+        if getattr(type(model), "_cp_plan", None) is None:
+            return f"{self.model_class} has no context-parallel plan"
+        return None
+
+    def context_parallel_plan(self, model: nn.Module) -> dict[str, Any]:
+        """The diffusers ``ContextParallelModelPlan`` passed to ``enable_parallelism`` (default: the
+        class's own ``_cp_plan``)."""
+        reason = self.context_parallel_unsupported(model)
+        if reason:
+            raise ValueError(reason)
+        return type(model)._cp_plan
+
+    def context_parallel_lengths(self, model: nn.Module, latent_shape: tuple[int, ...],
+                                 cond: Conditioning | None) -> dict[str, int]:
+        """The sequence lengths the plan splits over a gang, by name (each must divide by the gang
+        size; diffusers' equal-part sharder asserts it)."""
+        return {}
+
+    def attention_heads(self, model: nn.Module) -> int:
+        """Attention heads (Ulysses splits them over the gang)."""
+        return int(model.config.num_attention_heads)
+
+    def apply_context_parallel_hooks(self, model: nn.Module, cp_config: Any) -> None:
+        """Model-specific hooks that go with the plan, registered after ``enable_parallelism``
+        (default: none)."""
+
     # ----- diffusers pipelines (users' local checkpoints) ---------------------------------------
     def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:
         """(height, width, frames) in latent units for a pipeline's VAE."""

@@ -127,6 +127,12 @@ class FluxAdapter(DualStreamAdapter):
         uncond = draw() if guidance_scale > 1.0 else None
         return self.conditioning(*draw(), uncond=uncond, guidance_scale=guidance_scale)
 
+    def context_parallel_lengths(self, model: nn.Module, latent_shape: tuple[int, ...],
+                                 cond: Conditioning | None) -> dict[str, int]:
+        # diffusers' FLUX _cp_plan splits hidden_states, encoder_hidden_states, img_ids and txt_ids
+        image, text = self.token_counts(model, latent_shape, cond)
+        return {"image tokens": image, **({"text tokens": text} if cond is not None else {})}
+
     # ----- diffusers pipelines ---------------------------------------------------------------
     def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:
         f = pipe.vae_scale_factor * 2  # the VAE's factor and 2×2 packing

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .base import Conditioning, DualStreamAdapter, EncodedPrompts, StreamSpec, timestep_batch
+from .context_parallel import HUNYUAN_VIDEO_CP_PLAN, apply_hunyuan_video_mask
 
 _STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(0, 1))
 
@@ -87,6 +88,26 @@ class HunyuanVideoAdapter(DualStreamAdapter):
             return states, mask, pooled
         uncond = draw() if guidance_scale > 1.0 else None
         return self.conditioning(*draw(), uncond=uncond, guidance_scale=guidance_scale)
+
+    # ----- context parallelism (specdist.models.context_parallel) ----------------------------
+    def context_parallel_unsupported(self, model: nn.Module) -> str | None:
+        if model.config.image_condition_type == "token_replace":
+            return ("HunyuanVideo with image_condition_type='token_replace' cannot run context-parallel (its "
+                    "blocks read the first frame's tokens from the local sequence)")
+        return None
+
+    def context_parallel_plan(self, model: nn.Module) -> dict[str, Any]:
+        reason = self.context_parallel_unsupported(model)
+        if reason:
+            raise ValueError(reason)
+        return HUNYUAN_VIDEO_CP_PLAN
+
+    def context_parallel_lengths(self, model, latent_shape, cond) -> dict[str, int]:
+        video, text = self.token_counts(model, latent_shape, cond)
+        return {"video tokens": video, **({"text tokens": text} if cond is not None else {})}
+
+    def apply_context_parallel_hooks(self, model: nn.Module, cp_config: Any) -> None:
+        apply_hunyuan_video_mask(model, cp_config)
 
     # ----- diffusers pipelines ---------------------------------------------------------------
     def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:

@@ -41,6 +41,11 @@ class PixArtAdapter(ModelAdapter):
     def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
         return basic_block_branches(model.transformer_blocks[index])
 
+    def context_parallel_unsupported(self, model: nn.Module) -> str | None:
+        return ("PixArtTransformer2DModel cannot run context-parallel in diffusers 0.42.1 (its attention processor, "
+                "AttnProcessor2_0, calls SDPA itself, not diffusers' dispatcher); gang_size > 1 is for FLUX, "
+                "HunyuanVideo and Wan")
+
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels, height, width)
 

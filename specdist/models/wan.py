@@ -86,6 +86,12 @@ class WanAdapter(ModelAdapter):
         uncond = draw() if guidance_scale > 1.0 else None
         return self.conditioning(draw(), uncond, guidance_scale)
 
+    def context_parallel_lengths(self, model: nn.Module, latent_shape: tuple[int, ...],
+                                 cond: Conditioning | None) -> dict[str, int]:
+        # diffusers' Wan _cp_plan splits the video tokens (rope, blocks.0, expanded timesteps);
+        # the text enters by cross-attention and stays whole on every rank
+        return {"video tokens": self._video_tokens(model, latent_shape)}
+
     # ----- diffusers pipelines ---------------------------------------------------------------
     def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:
         s, st = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal

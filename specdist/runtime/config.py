@@ -68,6 +68,19 @@ class RuntimeConfig:
     (under torchrun, rendezvous timeouts are torchrun's own)."""
     max_retries: int = 2
     """Resubmissions of one job after worker failures before the run fails."""
+    gang_size: int | str = 1
+    """ray, torchrun: ranks per worker. Each worker is a *gang* of this many ranks (GPUs) that runs one
+    model call together with diffusers context parallelism (``ulysses_degree × ring_degree``);
+    ``runtime.workers`` counts gangs, so the world is 1 coordinator + workers × gang_size ranks.
+    ``auto``: the split of the devices into gangs that the emulated cost model picks
+    (:mod:`specdist.runtime.gang_cost`). 1: one device per worker, no context parallelism."""
+    ulysses_degree: int | str = "auto"
+    """gang_size > 1: Ulysses degree (attention heads split over the gang by all-to-all; must divide
+    the model's heads). ``auto``: the largest divisor of gang_size that divides the heads."""
+    ring_degree: int | str = "auto"
+    """gang_size > 1: ring-attention degree (``ulysses_degree × ring_degree = gang_size``); needs an
+    attention backend that returns log-sum-exp (GPU: flash, cuDNN, sage; not diffusers' CPU
+    ``native``). ``auto``: gang_size / ulysses_degree."""
 
     def validate(self, prefix: str = "runtime.") -> None:
         _check(self.backend in BACKENDS, f"{prefix}backend", self.backend, f"one of {list(BACKENDS)}")
@@ -84,6 +97,30 @@ class RuntimeConfig:
         _check(self.job_timeout_s > 0, f"{prefix}job_timeout_s", self.job_timeout_s, "a number > 0")
         _check(self.startup_timeout_s > 0, f"{prefix}startup_timeout_s", self.startup_timeout_s, "a number > 0")
         _check(self.max_retries >= 0, f"{prefix}max_retries", self.max_retries, "an integer >= 0")
+        self._validate_gangs(prefix)
+
+    def _validate_gangs(self, prefix: str) -> None:
+        """``gang_size`` / ``ulysses_degree`` / ``ring_degree``: values, product, and where they apply."""
+        from .parallel_dims import AUTO, _int_or_auto
+
+        for key in ("gang_size", "ulysses_degree", "ring_degree"):
+            value = getattr(self, key)
+            _check(_int_or_auto(value), f"{prefix}{key}", value, "an integer >= 1 or 'auto'")
+        g, u, r = self.gang_size, self.ulysses_degree, self.ring_degree
+        if g != 1 and self.backend in ("none", "local"):
+            _check(False, f"{prefix}gang_size", g, f"1 with runtime.backend={self.backend} (a gang is gang_size "
+                   f"processes; use runtime.backend=ray or torchrun)")
+        if g == 1:
+            for key, value in (("ulysses_degree", u), ("ring_degree", r)):
+                _check(value in (AUTO, 1), f"{prefix}{key}", value, "'auto' or 1 with runtime.gang_size=1 (context "
+                       "parallelism needs a gang: set runtime.gang_size)")
+        elif g != AUTO:
+            if u != AUTO and r != AUTO:
+                _check(u * r == g, f"{prefix}ulysses_degree", u, f"ulysses_degree × ring_degree = gang_size: "
+                       f"{u} × {r} != {g} (runtime.gang_size={g}, runtime.ring_degree={r})")
+            for key, value in (("ulysses_degree", u), ("ring_degree", r)):
+                _check(value == AUTO or g % value == 0, f"{prefix}{key}", value,
+                       f"a divisor of runtime.gang_size={g} or 'auto'")
 
     @property
     def distributed(self) -> bool:

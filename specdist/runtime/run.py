@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
+from ..engine.calibration import Calibration
+from ..engine.decision import make_rule
 from ..sampling import fresh_scheduler, init_latents, model_dtype
 from .config import RuntimeConfig
 from .coordinator import Coordinator, RunResult
 from .jobs import WorkerSpec
+from .layout import job_layout
 from .pool import LocalPool
-from ..engine.calibration import Calibration
-from ..engine.decision import make_rule
 from .rule import Trajectory
 from .worker import StepWorker, encode_all
 
@@ -83,6 +84,8 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     workers are up (tests use it to kill one).
     """
     rt: RuntimeConfig = cfg.runtime
+    if rt.backend in ("ray", "torchrun"):  # the layout fits (model, machine) or the run ends here, at once
+        job_layout(cfg, bundle, tuple(noise.shape[1:]))
     spec = worker_spec(cfg, prompts, labels, guidance, calibration)
     dtype = model_dtype(bundle.transformer)
     rows = 2 if guidance > 1.0 and bundle.conditions_on != "none" else 1
