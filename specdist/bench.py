@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .calibrate import calibration_for
 from .config import apply_overrides, build_config, config_to_dict
 from .engine.accounting import summarize
 from .engine.config import CacheConfig, PeerConfig
@@ -46,6 +47,8 @@ class BenchConfig:
     method are the cartesian product of its knob values. A list of such dicts gives several
     products in turn (e.g. a τ range per granularity)."""
     out: str = "benchmarks/results"
+    untuned: list[str] = field(default_factory=list)
+    """Models held out from every tuning decision (reported separately as untuned)."""
 
     def validate(self, prefix: str = "") -> None:
         from .config import METHODS
@@ -115,15 +118,25 @@ def bench_model(cfg: BenchConfig, model: str, progress: bool = True) -> dict[str
     ref_pixels = bundle.decode(ref.latents)
     rows = [_row("full", {}, ref, ref_wall, ref, ref_wall, ref_pixels, ref_pixels, flops, guided, cfg.steps)]
     calibrations: dict = {}  # MagCache calibrations, computed once per model and step count
+    speca_calibrations: dict[str, dict] = {}  # speca's, by key: what each cost when it was computed
     for method, knobs in expand_runs(cfg):
         cache, peer = _knob_configs(knobs)
         label = f"{model} {method} {knobs}"
+        cal = None
+        if method == "speca" and cache.uses_target:
+            cal, info = calibration_for(bundle, cache, cfg.steps, shape, cond.guidance_scale, log=lambda m: None,
+                                        progress=progress)
+            speca_calibrations.setdefault(info.key, {"key": info.key, "cost_s": cal.meta.get("cost_s"),
+                                                     "samples": info.samples, "reused_from_disk": info.reused,
+                                                     "cost": cal.meta.get("cost")})
         res, wall = _timed(cfg.repeats, lambda: run_method(method, *args, cache=cache, peer=peer, progress=progress,
-                                                          desc=label, calibrations=calibrations))
+                                                          desc=label, calibrations=calibrations, calibration=cal))
         rows.append(_row(method, knobs, res, wall, ref, ref_wall, bundle.decode(res.latents), ref_pixels,
                          flops, guided, cfg.steps, cache))
     return {"model": model, "class": bundle.adapter.model_class, "latent_shape": list(shape),
-            "guidance_scale": cond.guidance_scale, "flops_per_forward": flops["total"], "rows": rows}
+            "guidance_scale": cond.guidance_scale, "flops_per_forward": flops["total"], "rows": rows,
+            "untuned": model in cfg.untuned, "speca_calibration": list(speca_calibrations.values()),
+            "full_wall_s": ref_wall}
 
 
 def _row(method, knobs, res, wall, ref, ref_wall, pixels, ref_pixels, flops, guided, steps,
@@ -144,6 +157,8 @@ def _row(method, knobs, res, wall, ref, ref_wall, pixels, ref_pixels, flops, gui
             "verification_overhead_flops": summary["verification_overhead"]["flops_fraction_of_full_inference"],
             "speculative_time_fraction": summary["verification_overhead"]["speculative_seconds"] / ref_wall,
         }
+        if "target_psnr_db" in stats.rule:
+            extra["target_psnr_db"] = stats.rule["target_psnr_db"]
     q_pix = compare(pixels, ref_pixels) if pixels is not None else None
     return {
         "method": method,

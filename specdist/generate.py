@@ -166,6 +166,13 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True,
     except BaseException:
         staged.discard()
         raise
+    ref = report.get("reference")
+    if ref and "speedup_wall" in ref:
+        quality = ref["pixels"]["psnr_db"] if ref.get("pixels") else None
+        worst = f", worst-sample PSNR {quality['worst']:.1f} dB (mean {quality['mean']:.1f})" if quality and \
+            quality["worst"] != "inf" else ""
+        log(f"specdist: {report['method']} sampled {ref['speedup_wall']:.2f}x faster than full compute "
+            f"({report['sampling_wall_s']:.1f} s vs {ref['full_wall_s']:.1f} s){worst}")
     log(f"specdist: wrote {final}/report.json (nfe={report['nfe']:g}, wall={report['wall_s']:.1f}s, "
         f"sha256={report['output_sha256'][:16]}...)")
     return report
@@ -215,6 +222,8 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
         caching = cache_report(cfg, results, references, flops, latents, pixels, bundle)
     else:
         caching = {"reference": reference_quality(references, latents, pixels, bundle)} if references else {}
+        if references:  # the distributed run's wall time against the single-process full run
+            caching["reference"]["speedup_wall"] = caching["reference"]["full_wall_s"] / max(runtime["wall_s"], 1e-9)
     if calibration_info is not None:
         caching["calibration"] = calibration_info.as_dict()
     nfe_eff = caching.get("nfe_with_overhead", nfe)

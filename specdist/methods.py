@@ -15,18 +15,20 @@ from .sampling import SampleResult, sample_full
 def run_method(method: str, model: torch.nn.Module, adapter: Any, scheduler: Any, cond: Conditioning,
                noise: torch.Tensor, steps: int, *, cache: CacheConfig | None = None, peer: Any = None,
                progress: bool = True, desc: str = "sampling", calibrations: dict | None = None,
-               calibration: Any = None) -> SampleResult:
+               calibration: Any = None, on_step: Any = None) -> SampleResult:
     """Sample ``noise`` with ``method``; the same inputs give the same trajectory for ``full``.
 
     ``calibrations`` (a dict the caller owns) keeps MagCache calibrations across calls;
-    ``calibration`` is speca's (:mod:`specdist.engine.calibration`), needed for a quality target."""
+    ``calibration`` is speca's (:mod:`specdist.engine.calibration`), needed for a quality target;
+    ``on_step(step)`` is called after each step (``full`` and our caching methods)."""
     if method == "full":
-        return sample_full(model, adapter, scheduler, cond, noise, steps, progress=progress, desc=desc)
+        return sample_full(model, adapter, scheduler, cond, noise, steps, progress=progress, desc=desc,
+                           on_step=None if on_step is None else (lambda i, t, x: on_step(i)))
     if method in CACHE_METHODS:
         from .engine.speculative import sample_cached
 
         return sample_cached(model, adapter, scheduler, cond, noise, steps, method, cache or CacheConfig(),
-                             progress=progress, desc=desc, calibration=calibration)
+                             progress=progress, desc=desc, calibration=calibration, on_step=on_step)
     from .engine.config import PeerConfig
     from .engine.peers import sample_with_peer
 

@@ -193,14 +193,15 @@ def test_cache_byte_cap_lowers_order_or_fails(tiny):
     from specdist.errors import ConfigError
 
     model, adapter, sched, cond, noise, _ = tiny
-    big = sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer", CacheConfig(order=2), progress=False)
+    probe = dict(order=2, granularity="probe")  # (block level shrinks the cached region first: test_block_cache)
+    big = sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer", CacheConfig(**probe), progress=False)
     per_order = big.stats.cache_bytes // 3
     capped = sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer",
-                           CacheConfig(order=2, max_cache_bytes=2 * per_order), progress=False)
+                           CacheConfig(**probe, max_cache_bytes=2 * per_order), progress=False)
     assert capped.stats.effective_order == 1 and capped.stats.cache_bytes == 2 * per_order
     with pytest.raises(ConfigError, match="cache.max_cache_bytes"):
         sample_cached(model, adapter, sched, cond, noise, 4, "taylorseer",
-                      CacheConfig(order=2, max_cache_bytes=per_order // 2), progress=False)
+                      CacheConfig(**probe, max_cache_bytes=per_order // 2), progress=False)
 
 
 def test_lite_mode_caches_only_the_output_and_runs_no_model_on_forecasts(tiny):
@@ -209,7 +210,7 @@ def test_lite_mode_caches_only_the_output_and_runs_no_model_on_forecasts(tiny):
     handle = adapter.blocks(model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         res = sample_cached(model, adapter, sched, cond, noise, 8, "taylorseer",
-                            CacheConfig(interval=2, granularity="output"), progress=False)
+                            CacheConfig(interval=2, granularity="output", order=1), progress=False)
     finally:
         handle.remove()
     assert {r["decisions"] for r in res.stats.per_sample()} == {"FFFAFAFA"}
@@ -228,7 +229,7 @@ def test_speca_lite_verifies_with_the_probe_and_accepts_the_forecast_output(tiny
     assert torch.equal(exact.latents, ref.latents)  # every check rejects: full compute
     loose = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(granularity="output", max_run=3),
                           progress=False, threshold_fn=lambda i: float("inf"))
-    probe = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(max_run=3),
+    probe = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(max_run=3, granularity="probe"),
                           progress=False, threshold_fn=lambda i: float("inf"))
     assert {r["decisions"] for r in loose.stats.per_sample()} == {"FFFAAAFA"}
     assert loose.stats.spec_calls == 4  # the probe ran on every speculative step

@@ -184,16 +184,19 @@ def fit(steps: int, observations: list[tuple[int, int, float, float]]) -> tuple[
         per_step.setdefault(i, []).append((k, v, o))
     gain = _interpolate([statistics.median([o / v for _, v, o in per_step[i] if v > 0]) if any(
         v > 0 for _, v, _ in per_step.get(i, [])) else None for i in range(steps)])
-    growth = 1.0
-    log_base: list[float] = []
-    for _ in range(8):  # alternate: per-step base (smoothed) given growth, growth given base
-        raw = [statistics.median([math.log(o) - growth * math.log(k) for k, _, o in per_step[i]])
-               if i in per_step else None for i in range(steps)]
-        log_base = _smooth(_interpolate(raw))
-        xs = [math.log(k) for i, k, _, _ in obs]
-        ys = [math.log(o) - log_base[i] for i, _, _, o in obs]
-        sxx = sum(x * x for x in xs)
-        growth = min(4.0, max(0.5, sum(x * y for x, y in zip(xs, ys)) / sxx)) if sxx > 0 else 1.0
+    # o ≈ base[i] · k^growth: a common slope from the within-step variation of log o over log k
+    # (fixed effects per step), then the per-step levels (median, smoothed over neighbouring steps)
+    sxy = sxx = 0.0
+    for i, rows in per_step.items():
+        xs = [math.log(k) for k, _, _ in rows]
+        ys = [math.log(o) for _, _, o in rows]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxy += sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+        sxx += sum((x - mx) ** 2 for x in xs)
+    growth = min(4.0, max(0.5, sxy / sxx)) if sxx > 0 else 1.0
+    raw = [statistics.median([math.log(o) - growth * math.log(k) for k, _, o in per_step[i]])
+           if i in per_step else None for i in range(steps)]
+    log_base = _smooth(_interpolate(raw))
     residuals = [math.log(o) - log_base[i] - growth * math.log(k) for i, k, _, o in obs]
     spread = statistics.pstdev(residuals) if len(residuals) > 1 else 0.5
     misread = [math.log(o / (gain[i] * v)) for i, _, v, o in obs if v > 0 and gain[i] > 0]

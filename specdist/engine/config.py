@@ -36,14 +36,14 @@ DEFAULT_TARGET_PSNR_DB = 35.0
 class CacheConfig:
     """Knobs of the caching methods; each is used by the methods named in its doc."""
 
-    order: int = 1
+    order: int = 2
     """Taylor order m (taylorseer, speca); fora always uses 0 (reuse)."""
     time: str = "index"
     """Distance unit of the Taylor expansion: ``index`` (step index, as the public code) or
     ``timestep`` (the scheduler's own time t / num_train_timesteps, i.e. sigma for flow matching)."""
     interval: int = 3
     """fora, taylorseer: one full step every ``interval`` steps."""
-    granularity: str = "probe"
+    granularity: str = "block"
     """What is cached and forecast. ``probe``: the probe block's input and the last block's output
     (video and text streams); a speculative step runs embeddings, the probe block (speca) and the
     head. ``output`` ("lite"): the model output itself is forecast (one tensor per sample); for fora
@@ -87,7 +87,7 @@ class CacheConfig:
     min_run: int = 0
     """speca: speculative steps right after a full step accepted without the probe check
     (NaN/Inf forecasts are still rejected); 0 verifies every forecast."""
-    max_run: int = 8
+    max_run: int = 12
     """speca: at most this many consecutive speculative steps before a forced full step."""
     max_cache_bytes: int = 16 * 2**30
     """Cap on the forecaster's memory (0 = no cap). ``probe``/``output``: the Taylor order is lowered

@@ -344,13 +344,14 @@ def sample_cached(
     threshold_fn: Callable[[int], float] | None = None,
     cache_cls: type[TaylorCache] = TaylorCache,
     calibration: Calibration | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> CachedResult:
     """Sample with a caching method (``fora``, ``taylorseer`` or ``speca``); see the module doc.
 
     ``calibration``: the model's calibration, needed by ``speca`` with a quality target (see
     :func:`specdist.engine.calibration.ensure_calibration`). ``threshold_fn(step) -> τ`` replaces
     the decisions by that threshold schedule (ablations, tests); ``cache_cls`` is the forecaster
-    class (a :class:`TaylorCache` or subclass).
+    class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step.
     """
     device, dtype = next(model.parameters()).device, model_dtype(model)
     sched = fresh_scheduler(scheduler)
@@ -375,6 +376,8 @@ def sample_cached(
 
                 out = stepper.step(i, steps, forecaster_time(cfg, i, t, train_t), call)
                 latents = sched.step(out, t, latents, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(i)
     finally:
         hooks.remove()
     stepper.stats.rule = rule.summary()

@@ -169,15 +169,19 @@ class Coordinator:
                     stats.jobs_stale += 1
                 stats.wasted_compute_s += r.compute_s
 
-    def run_throughput(self, noise: torch.Tensor) -> RunResult:
-        """One generation job per sample (``noise[i]`` is sample ``i``'s initial noise)."""
+    def run_throughput(self, noise: torch.Tensor, steps: int = 0) -> RunResult:
+        """One generation job per sample (``noise[i]`` is sample ``i``'s initial noise); ``steps``
+        per generation sizes the progress bar (steps completed, polled from the workers)."""
         stats, pool = RunStats(), self.pool
         start = last = time.perf_counter()
         n = noise.shape[0]
         queue = list(range(n))
         inflight: dict[int, int] = {}
         outputs: dict[int, Any] = {}
-        bar = tqdm(total=n, desc="throughput", disable=not self.progress, leave=False)
+        steps = steps or 1
+        bar = tqdm(total=n * steps, desc=f"throughput: steps of {n} generations", unit="step",
+                   disable=not self.progress, leave=False)
+        shown = 0
         while len(outputs) < n:
             t0 = time.perf_counter()
             for _ in range(min(pool.idle(), len(queue))):
@@ -193,7 +197,11 @@ class Coordinator:
                 stats.jobs_done += 1
                 stats.useful_compute_s += r.compute_s
                 outputs[i] = r
-                bar.update(1)
+            if self.progress:
+                running = pool.progress()
+                done = len(outputs) * steps + sum(min(running.get(j, 0), steps) for j in inflight)
+                bar.update(done - shown)
+                shown = done
         bar.close()
         stats.wall_s = time.perf_counter() - start
         rs = [outputs[i] for i in range(n)]

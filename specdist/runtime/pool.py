@@ -91,6 +91,11 @@ class WorkerPool(ABC):
     def wait(self, timeout: float) -> list[JobResult]:
         """Results that finished (at least one unless ``timeout`` seconds pass)."""
 
+    def progress(self) -> dict[int, int]:
+        """Steps completed so far by the running generation jobs (job id -> steps; may be empty
+        where a backend cannot tell before a job ends)."""
+        return {}
+
     def close(self) -> None:
         """Release the workers."""
 
@@ -160,6 +165,12 @@ class LocalPool(WorkerPool):
             if r.status == FAILED:
                 raise WorkerFailure(f"job {r.job.id} ({r.job.kind}, sample {r.job.sample}, step {r.job.step}) "
                                     f"failed on local worker {r.worker}: {r.error}")
+        return out
+
+    def progress(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for worker in {id(w): w for w in self.per_thread}.values():
+            out.update(worker.steps_done)
         return out
 
     def close(self) -> None:

@@ -64,6 +64,10 @@ class RayWorker:
         status, out, compute_s, meta, features = self._compute(job, tensors)
         return status, out.cuda(), compute_s, meta, tuple(f.cuda() for f in features)
 
+    def progress(self) -> dict[int, int]:
+        """Steps completed by this worker's running generation job."""
+        return dict(self.worker.steps_done)
+
     def cancel(self, job_id: int) -> None:
         """Stop job ``job_id`` at the next block boundary (or before it starts)."""
         self.flags.setdefault(job_id, threading.Event()).set()
@@ -120,6 +124,8 @@ class RayPool(WorkerPool):
         self.tries: dict[int, int] = {}
         self.requeue: list[Job] = []  # jobs of dead workers, resubmitted as workers free up
         self.stats = PoolStats(transport=f"ray tensor transport ({host.transport})")
+        self._progress: dict[int, int] = {}
+        self._progress_at = 0.0
 
     @property
     def workers(self) -> int:
@@ -147,6 +153,22 @@ class RayPool(WorkerPool):
         self.busy[job.id] = w
         self.stats.jobs += 1
         self.stats.bytes_to_workers += tensor_bytes(tensors)
+
+    def progress(self) -> dict[int, int]:
+        now = time.perf_counter()
+        if now - self._progress_at < 0.5:  # a poll of the workers at most twice a second
+            return self._progress
+        self._progress_at = now
+        refs = [self.host.workers[w].progress.remote() for w in set(self.busy.values())]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2) if refs else ([], [])
+        out: dict[int, int] = {}
+        for ref in ready:
+            try:
+                out.update(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass  # a dead worker is handled by wait()
+        self._progress = out
+        return out
 
     def cancel(self, job_id: int) -> None:
         w = self.busy.get(job_id)

@@ -71,7 +71,7 @@ def coordinate(pool: Any, cfg: Any, plan: Any, progress: bool) -> RunResult:
     coord = Coordinator(pool, job_timeout_s=cfg.runtime.job_timeout_s, progress=progress)
     if cfg.runtime.mode == "latency":
         return coord.run_latency(plan)
-    return coord.run_throughput(plan)
+    return coord.run_throughput(plan, cfg.steps)
 
 
 def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[str], labels: list[str],

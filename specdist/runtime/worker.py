@@ -78,6 +78,7 @@ class StepWorker:
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
         self._blocks = blocks
         self._hooks: SpeculationHooks | None = None  # block-level recording and drafts, made on first use
+        self.steps_done: dict[int, int] = {}  # generation job id -> steps it has completed (progress bars)
         self._hooks_lock = threading.Lock()
 
     @classmethod
@@ -181,10 +182,18 @@ class StepWorker:
         from ..engine.calibration import Calibration
 
         calibration = None if spec.calibration is None else Calibration.from_json(spec.calibration)
-        result = run_method(spec.method, self.model, self.adapter, self.scheduler,
-                            self.cond.select(torch.tensor([job.sample])), noise, spec.steps,
-                            cache=CacheConfig(**spec.cache), peer=PeerConfig(**spec.peer), progress=False,
-                            calibration=calibration)
+        self.steps_done[job.id] = 0
+
+        def done(step: int) -> None:
+            self.steps_done[job.id] = step + 1
+
+        try:
+            result = run_method(spec.method, self.model, self.adapter, self.scheduler,
+                                self.cond.select(torch.tensor([job.sample])), noise, spec.steps,
+                                cache=CacheConfig(**spec.cache), peer=PeerConfig(**spec.peer), progress=False,
+                                calibration=calibration, on_step=done)
+        finally:
+            self.steps_done.pop(job.id, None)
         stats = getattr(result, "stats", None)
         wait = spec.emulate_step_s * result.nfe + spec.emulate_draft_s * (stats.spec_calls if stats is not None else 0)
         if wait > 0 and self.state.flag.wait(wait):  # the emulated cost of the calls this run made
