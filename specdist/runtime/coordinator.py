@@ -27,11 +27,11 @@ from .rule import Trajectory
 class RunStats:
     """What a distributed run did (all counts over the whole job)."""
 
-    jobs_submitted: int = 0
-    jobs_done: int = 0
+    jobs_submitted: int = 0  # = jobs_done + jobs_cancelled once the run has ended
+    jobs_done: int = 0  # finished (useful or stale)
     jobs_cancelled: int = 0  # stopped mid-forward or before starting
-    jobs_stale: int = 0  # finished, but for a window that had closed (wasted)
-    cancel_requests: int = 0
+    jobs_stale: int = 0  # part of jobs_done: finished, but for a window that had closed (wasted)
+    cancel_requests: int = 0  # jobs asked to stop (each counted once; >= jobs_cancelled)
     wasted_compute_s: float = 0.0
     useful_compute_s: float = 0.0
     coordinator_s: float = 0.0  # time the coordinator spent deciding/drafting (not waiting)
@@ -80,6 +80,13 @@ class Coordinator:
         start = last = time.perf_counter()
         inflight: dict[int, tuple[int, int, int]] = {}  # job id -> (sample, window, step)
         submitted: set[tuple[int, int, int]] = set()
+        asked: set[int] = set()  # job ids already asked to stop
+
+        def cancel(jid: int) -> None:
+            if jid not in asked:
+                asked.add(jid)
+                pool.cancel(jid)
+                stats.cancel_requests += 1
         jobs_per_sample = [0] * len(trajs)
         bar = tqdm(total=sum(t.steps for t in trajs), desc="latency", disable=not self.progress, leave=False)
         committed = 0
@@ -121,20 +128,21 @@ class Coordinator:
                 if t.window_id != window:  # the window closed: cancel what is still running for it
                     for jid, (k, w, _) in inflight.items():
                         if k == i and w != t.window_id:
-                            pool.cancel(jid)
-                            stats.cancel_requests += 1
+                            cancel(jid)
             now_committed = sum(len(t.stats.decisions) for t in trajs)
             bar.update(now_committed - committed)
             committed = now_committed
             stats.coordinator_s += time.perf_counter() - t0
         # drain: jobs of closed windows still running finish or stop before the pool is reused
+        # (counted as in the loop above: a job that finished first is done and stale)
         while inflight:
             for jid in inflight:
-                pool.cancel(jid)
+                cancel(jid)
             results, last = self._collect(inflight, last)
             for r in results:
                 inflight.pop(r.job.id, None)
                 stats.jobs_cancelled += r.status == CANCELLED
+                stats.jobs_done += r.status != CANCELLED
                 stats.jobs_stale += r.status != CANCELLED
                 stats.wasted_compute_s += r.compute_s
         bar.close()

@@ -136,8 +136,7 @@ class LocalPool(WorkerPool):
                 raise RuntimeError("LocalPool.submit: no idle worker")
             self.busy[job.id] = free[0]
             self.flags[job.id] = threading.Event()
-        self.stats.jobs += 1
-        self.stats.bytes_to_workers += tensor_bytes(tensor)
+        self.stats.jobs += 1  # no bytes: the tensor is handed over in-process, nothing moves
         self.inbox[free[0]].put((job, tensor))
 
     def cancel(self, job_id: int) -> None:
@@ -152,7 +151,6 @@ class LocalPool(WorkerPool):
             with self.lock:
                 self.busy.pop(r.job.id, None)
                 self.flags.pop(r.job.id, None)
-            self.stats.bytes_from_workers += tensor_bytes(r.output)
             self.stats.cancelled_mid_forward += r.status == CANCELLED
             if r.status == FAILED:
                 raise WorkerFailure(f"job {r.job.id} ({r.job.kind}, sample {r.job.sample}, step {r.job.step}) "
