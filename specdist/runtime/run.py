@@ -66,10 +66,11 @@ def coordinate(pool: Any, cfg: Any, plan: Any, progress: bool) -> RunResult:
 
 def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[str], labels: list[str],
                     guidance: float, *, progress: bool = True, log: Callable[[str], None] = print,
-                    on_workers: Callable[[list[int]], None] | None = None) -> RunResult:
+                    on_workers: Callable[[list[int], Any], None] | None = None) -> RunResult:
     """Run the job of ``cfg`` (``runtime.backend`` local, ray or torchrun rank 0) on ``noise``.
 
-    ``on_workers(pids)`` is called once the workers are up (tests use it to kill one).
+    ``on_workers(pids, actors)`` is called once the workers are up (tests use it to kill one);
+    ``actors`` are the Ray actor handles on ``ray`` (see :func:`~.ray_backend.run_on_ray`), else ``None``.
     """
     rt: RuntimeConfig = cfg.runtime
     spec = worker_spec(cfg, prompts, labels, guidance)
@@ -84,7 +85,7 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
                        for _ in range(rt.workers)]
         pool = LocalPool(workers)
         if on_workers is not None:
-            on_workers([os.getpid()] * rt.workers)
+            on_workers([os.getpid()] * rt.workers, None)
         try:
             with torch_threads(rt.threads_per_worker):
                 result = coordinate(pool, cfg, plan, progress)
