@@ -81,7 +81,9 @@ def test_local_pool_matches_single_process(reference, workers):
     assert output_sha256(run.latents) == sha
     assert all(len(d) == STEPS for d in run.decisions)
     assert any("A" in d for d in run.decisions) and any("R" in d for d in run.decisions)
-    assert_counters(runtime_report(cfg, run))
+    rt = runtime_report(cfg, run)
+    assert_counters(rt)
+    assert rt["emulated"] is False and rt["emulate_step_s"] == 0 and "note" not in rt
     if workers == 1:  # one job at a time, in order: exactly one job per step, nothing wasted
         assert run.stats.jobs_cancelled == 0 and run.stats.jobs_stale == 0
         assert run.stats.jobs_submitted == 2 * STEPS
@@ -96,7 +98,10 @@ def test_stale_jobs_are_cancelled_mid_forward(reference):
     assert run.stats.cancel_requests > 0
     assert run.stats.extra["pool"]["cancelled_mid_forward"] > 0
     assert run.stats.wasted_compute_s > 0
-    assert_counters(runtime_report(cfg, run))
+    rt = runtime_report(cfg, run)
+    assert_counters(rt)
+    assert rt["emulated"] is True and rt["emulate_step_s"] == 0.1
+    assert "emulated" in rt["note"] and "0.1 s" in rt["note"]
 
 
 class LateCancelPool(LocalPool):
@@ -154,6 +159,23 @@ def test_throughput_mode_matches_the_engine():
         assert torch.equal(run.latents[i:i + 1], want.latents)
         assert run.decisions[i] == "".join(want.stats.decisions[0])
     assert_counters(runtime_report(cfg, run))
+
+
+def test_throughput_emulation_waits_s_times_the_generations_nfe():
+    """Throughput mode with ``emulate_step_s: S``: a generation also waits S × its NFE (its full
+    model evaluations), so it stands for a bigger model's generation; the result is unchanged."""
+    s, knobs = 0.2, ("runtime.mode=throughput", "runtime.workers=2", "cache.tau0=1e9")  # accept every forecast
+    plain = job(*knobs)
+    cfg, bundle, prompts, labels, guidance, noise = job(*knobs, f"runtime.emulate_step_s={s}")
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False)
+    pcfg, pbundle, pprompts, plabels, pguidance, pnoise = plain
+    base = run_distributed(pcfg, pbundle, pnoise, pprompts, plabels, pguidance, progress=False)
+    assert torch.equal(run.latents, base.latents)
+    assert all(n <= STEPS / 2 for n in run.nfe)  # most steps were forecast: S x NFE is far from S x steps
+    emulated = s * sum(run.nfe)
+    assert run.stats.useful_compute_s >= emulated
+    assert run.stats.useful_compute_s - base.stats.useful_compute_s < emulated + 1.0  # S x steps would add 2.4 s
+    assert runtime_report(cfg, run)["emulated"] is True
 
 
 def test_failing_job_is_reported_not_hung():
