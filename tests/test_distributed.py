@@ -74,7 +74,7 @@ class Killer:
                     os.kill(pids[i], signal.SIGKILL)
                     self.killed.append(i)
                     break
-                time.sleep(0.005)
+                time.sleep(0.02)
 
 
 @needs_ray

@@ -83,13 +83,14 @@ def test_default_job_starts_and_stops_its_own_ray_cluster(tmp_path, monkeypatch,
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     out = tmp_path / "default"
     assert main(["generate", "--config", "configs/default.yaml", "--quiet", "--set", "steps=6",
-                 "--set", "num_samples=2", "--out", str(out)]) == 0
+                 "--set", "num_samples=1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     rt = report["runtime"]
     assert rt["backend"] == "ray" and rt["workers"] == 2 and rt["transport"] == "ray tensor transport (gloo)"
     assert_counters(rt)
     assert (out / "video.mp4").stat().st_size > 0
-    assert report["reference"]["pixels"]["psnr_db"]["worst"] > 30
+    worst = report["reference"]["pixels"]["psnr_db"]["worst"]
+    assert worst == "inf" or worst > 30  # "inf": every draft was rejected, the result is full compute
     # it started a cluster of its own (under RAY_TMPDIR) and stopped it: nothing is left running
     assert list(Path(ray_tmp, "ray").glob("session_2*/logs/raylet.out"))
     assert not ray.is_initialized()
@@ -103,7 +104,7 @@ def test_ray_cluster_launcher_head_submit_stop(tmp_path, ray_tmp, repo_root):
     cfg, bundle, prompts, labels, guidance, noise = job()
     sha = output_sha256(sequential(cfg, bundle, prompts, labels, guidance, noise))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # `auto` must find the cluster itself
-    env.update(RAY_TMPDIR=ray_tmp, RAY_PORT=str(free_port()), RAY_NUM_CPUS="2", WORKERS="1", RAY_STOP_GRACE="5",
+    env.update(RAY_TMPDIR=ray_tmp, RAY_PORT=str(free_port()), RAY_NUM_CPUS="2", WORKERS="1", RAY_STOP_GRACE="2",
                CONFIG="configs/dit-shapes.yaml", OUT=str(tmp_path / "out"), PYTHONPATH=str(repo_root),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 
