@@ -92,12 +92,11 @@ def rule_row(job: Job, label: str, workers: int, overrides: list[str]) -> dict:
     cfg = load_config(None, [f"model={job.cfg.model}", f"steps={job.cfg.steps}", f"num_samples={job.cfg.num_samples}",
                              "method=speca", "runtime.backend=local", *overrides])
     b = job.bundle
-    rows = 2 if job.guidance > 1 else 1
     latencies, outs, anchors, drafts, fulls, decisions, cancelled, busy = [], [], [], [], [], [], 0, 0.0
     for i in range(job.cfg.num_samples):
         worker = StepWorker(b.transformer, b.adapter, b.scheduler, job.cond.select(torch.tensor([i])), job.spec)
         pool = VirtualPool(worker, workers, T, DRAFT * T)
-        (traj,) = build_trajectories(cfg, b.adapter, b.scheduler, job.noise[i:i + 1], model_dtype(b.transformer), rows,
+        (traj,) = build_trajectories(cfg, b.adapter, b.scheduler, job.noise[i:i + 1], model_dtype(b.transformer),
                                      job.calibration if cfg.cache.uses_target else None)
         coord = Coordinator(pool, job_timeout_s=1e9, progress=False)
         try:

@@ -7,13 +7,18 @@
 #   launch/ray_cluster.sh worker   [ray start args]  join the head at HEAD_ADDRESS (ray start --address)
 #   launch/ray_cluster.sh submit   [generate args]   run the job on the head node: the driver joins the
 #                                                   cluster at RAY_ADDRESS and writes OUT there
-#   launch/ray_cluster.sh stop                       stop Ray on this node (ray stop)
+#   launch/ray_cluster.sh stop                       stop Ray on this node (ray stop: every Ray process
+#                                                   of this node; with RAY_TMPDIR set, only those under it)
 # Settings come from environment variables with defaults:
 #   RAY_PORT       head: GCS port                         (default: 6379)
 #   RAY_NUM_CPUS   head/worker: CPUs to declare           (default: Ray's detection)
 #   RAY_NUM_GPUS   head/worker: GPUs to declare           (default: Ray's detection)
 #   HEAD_ADDRESS   worker: the head's host:port           (required, e.g. 10.0.0.1:6379)
 #   RAY_ADDRESS    submit: runtime.ray_address            (default: auto, the cluster of this node)
+#   RAY_TMPDIR     all: Ray's temp root (Ray reads it too): the session files, and the address file
+#                  that `auto` finds, go under $RAY_TMPDIR/ray, so several clusters can share a node;
+#                  `stop` then stops only the processes of that cluster   (default: unset, /tmp)
+#   RAY_STOP_GRACE stop with RAY_TMPDIR: seconds before SIGKILL           (default: 10)
 #   WORKERS        submit: runtime.workers (Ray actors; each needs 1 CPU, plus 1 for the coordinator)
 #                                                         (default: 2)
 #   CONFIG         submit: job config                     (default: configs/default.yaml)
@@ -55,7 +60,21 @@ case "$CMD" in
       --set "runtime.ray_address=${RAY_ADDRESS:-auto}" --set "runtime.workers=${WORKERS:-2}" \
       --out "${OUT:-outputs/ray}" "$@" ;;
   stop)
-    exec "$RAY" stop "$@" ;;
+    if [ -z "${RAY_TMPDIR:-}" ]; then
+      exec "$RAY" stop "$@"
+    fi
+    # only this cluster: every Ray process names its session directory under $RAY_TMPDIR/ray/
+    mine() { pgrep -f -- "${RAY_TMPDIR%/}/ray/" || true; }
+    PIDS=$(mine)
+    [ -z "$PIDS" ] && { echo "launch/ray_cluster.sh stop: no Ray process under $RAY_TMPDIR/ray"; exit 0; }
+    kill -TERM $PIDS 2>/dev/null || true
+    for _ in $(seq $((${RAY_STOP_GRACE:-10} * 10))); do
+      [ -z "$(mine)" ] && { echo "launch/ray_cluster.sh stop: stopped $(echo $PIDS | wc -w) Ray processes"; exit 0; }
+      sleep 0.1
+    done
+    LEFT=$(mine)
+    [ -n "$LEFT" ] && kill -KILL $LEFT 2>/dev/null || true
+    echo "launch/ray_cluster.sh stop: stopped $(echo $PIDS | wc -w) Ray processes ($(echo $LEFT | wc -w) with SIGKILL)" ;;
   *)
     usage ;;
 esac

@@ -239,6 +239,10 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
         "seeds": seeds,
         "prompts": prompts,
         "class_labels": labels,
+        "conditioning": bundle.conditioning,
+        **({"conditioning_note": f"{bundle.adapter.model_class} without a text encoder: random conditioning "
+                                 f"drawn from seed {cfg.seed}; the prompts are not used, the result is latents only"}
+           if bundle.conditioning == "random" else {}),
         "guidance_scale": guidance,
         "scheduler": scheduler_record(bundle.scheduler),
         "latent_shape": list(shape),

@@ -52,6 +52,7 @@ class ModelBundle:
     pipeline: Any = None
     class_names: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()  # the model's own example prompts (zoo text models)
+    label_ids: dict[str, int] = field(default_factory=dict)  # class name -> id, where names are not indices
     default_guidance: float = 1.0
     default_size: tuple[int, int, int] = (32, 32, 1)  # height, width, frames (latent units)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +75,17 @@ class ModelBundle:
             return list(self.prompts)
         return list(DEFAULT_VIDEO_PROMPTS) if self.adapter.is_video else ["a photo"]
 
+    @property
+    def conditioning(self) -> str:
+        """Where a sample's conditioning comes from: ``class`` labels, the zoo model's ``text_encoder``,
+        the ``pipeline``'s own encoders, or ``random`` (a text model without a text encoder: prompts
+        are not used, the conditioning is drawn from the seed)."""
+        if self.adapter.family == "dit":
+            return "class"
+        if self.text_encoder is not None:
+            return "text_encoder"
+        return "pipeline" if self.pipeline is not None else "random"
+
     def latent_shape(self, height: int | None, width: int | None, frames: int | None) -> tuple[int, ...]:
         """Per-sample latent shape for the requested size (defaults where ``None``)."""
         h, w, f = height or self.default_size[0], width or self.default_size[1], frames or self.default_size[2]
@@ -86,7 +98,9 @@ class ModelBundle:
         ids = []
         limit = self.transformer.config.num_embeds_ada_norm
         for label in labels:
-            if label in self.class_names:
+            if label in self.label_ids:  # a pipeline's own label table (several names may share an id)
+                ids.append(self.label_ids[label])
+            elif label in self.class_names:
                 ids.append(self.class_names.index(label))
             elif str(label).isdigit() and int(label) < limit:
                 ids.append(int(label))
@@ -215,11 +229,12 @@ def _pipeline_bundle(path: Path, device: torch.device, dtype: torch.dtype) -> Mo
     if transformer is None:
         raise CheckpointError(f"{path}: the pipeline has no 'transformer' component (specdist accelerates diffusion transformers)")
     adapter = adapter_for(transformer)
-    labels = tuple(getattr(pipe, "labels", {}) or ())
+    label_ids = {str(k): int(v) for k, v in (getattr(pipe, "labels", None) or {}).items()}
+    labels = tuple(label_ids)
     size = getattr(transformer.config, "sample_size", 32) or 32
     return ModelBundle(
         name=str(path), source="pipeline", path=path, transformer=transformer.eval(), adapter=adapter,
-        scheduler=pipe.scheduler, pipeline=pipe, class_names=labels,
+        scheduler=pipe.scheduler, pipeline=pipe, class_names=labels, label_ids=label_ids,
         default_guidance=4.0 if adapter.family == "dit" else 1.0, default_size=(size, size, 1),
     )
 

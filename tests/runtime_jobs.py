@@ -34,8 +34,7 @@ def sequential(cfg, bundle, prompts, labels, guidance, noise) -> torch.Tensor:
     """The single-process engine: the rule, one reference output at a time."""
     spec = worker_spec(cfg, prompts, labels, guidance)
     worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
-    rows = 2 if guidance > 1.0 else 1
-    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32, rows)
+    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)
     try:
         outs = []
         for i, t in enumerate(trajs):
@@ -46,3 +45,31 @@ def sequential(cfg, bundle, prompts, labels, guidance, noise) -> torch.Tensor:
         return torch.cat(outs)
     finally:
         worker.close()
+
+
+def assert_counters(rt: dict, *, tensor_bytes: int | None = None) -> None:
+    """The identities the ``runtime`` section of a report must satisfy, whatever the backend.
+
+    Every submitted job ends ``done`` (useful or stale) or ``cancelled``; a job stops only when
+    asked, and a mid-forward stop is a cancellation; bytes move only over a transport. With
+    ``tensor_bytes`` (one job's input = one job's output, in bytes), ``bytes_moved`` is exact: one
+    input per job sent (resubmissions included) and one output per job done.
+    """
+    j = rt["jobs"]
+    assert j["jobs_submitted"] == j["jobs_done"] + j["jobs_cancelled"], j
+    assert 0 <= j["jobs_stale"] <= j["jobs_done"], j
+    assert rt["cancelled_mid_forward"] <= j["jobs_cancelled"] <= j["cancel_requests"] <= j["jobs_submitted"], rt
+    assert rt["resubmitted"] >= 0 and rt["workers_lost"] <= rt["workers"]
+    if rt["mode"] == "latency":
+        assert sum(s["jobs"] for s in rt["per_sample"]) == j["jobs_submitted"]
+        # every committed step (F, A, R) used one reference output from a job of an open window
+        assert j["jobs_done"] - j["jobs_stale"] >= sum(len(s["decisions"]) for s in rt["per_sample"])
+    else:
+        assert j["jobs_submitted"] == j["jobs_done"] == len(rt["per_sample"])
+    if rt["transport"] == "in-process":
+        assert rt["bytes_moved"] == 0 and rt["bytes_moved_per_step"] == 0, rt
+    else:
+        assert rt["bytes_moved"] > 0 and rt["bytes_moved_per_step"] > 0, rt
+        if tensor_bytes is not None:
+            sent = j["jobs_submitted"] + rt["resubmitted"]
+            assert rt["bytes_moved"] == (sent + j["jobs_done"]) * tensor_bytes, rt

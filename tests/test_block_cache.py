@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.hooks import HookRegistry
+from forecast_check import Tap, assert_accepted_are_extrapolations
 from test_adapters import FAMILIES, T, _setup
 
 from specdist.engine.config import CacheConfig
@@ -107,11 +107,16 @@ def test_block_level_speca_tau_zero_is_full_and_huge_tau_accepts():
     exact = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
                           threshold_fn=lambda i: 0.0)
     assert torch.equal(exact.latents, ref.latents)
-    loose = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
-                          threshold_fn=lambda i: float("inf"))
+    ff = Tap(adapter.blocks(model)[0].ff)  # a branch of a block before the probe: forecast, never run
+    try:
+        loose = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
+                              threshold_fn=lambda i: float("inf"))
+    finally:
+        ff.remove()
     assert {r["decisions"] for r in loose.stats.per_sample()} == {"FFFAAAFA"}
     assert loose.stats.extra["cached_blocks"] == 2
-    assert torch.isfinite(loose.latents).all() and not torch.equal(loose.latents, ref.latents)
+    assert assert_accepted_are_extrapolations(ff.values, "FFFAAAFA", order=1) == 4
+    assert not torch.equal(loose.latents, ref.latents)
 
 
 def test_block_level_rollback_and_batch_independence():
@@ -159,7 +164,8 @@ def test_block_level_needs_a_branch_spec():
     model.blocks = nn.ModuleList([nn.Linear(2, 2)])
     with pytest.raises(NotImplementedError, match="cache.granularity: block"):
         SpeculationHooks(model, NoBranches(), granularity="block")
-    assert HookRegistry is not None
+    left = {name: list(m._diffusers_hook.hooks) for name, m in model.named_modules() if hasattr(m, "_diffusers_hook")}
+    assert not any(left.values()), left  # a failed constructor leaves no hook behind
 
 
 def test_min_run_accepts_without_running_the_probe():

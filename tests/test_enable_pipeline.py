@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from forecast_check import Tap, assert_accepted_are_extrapolations
 from tiny_pipelines import flux_pipe, gens, hunyuan_video_pipe, text
 
 import specdist
@@ -104,13 +105,23 @@ def test_accepted_forecasts_skip_blocks(name, granularity):
     with first_block_runs(pipe) as runs:
         reference = run(pipe)
     assert runs[0] == STEPS
-    with specdist.enabled(pipe, "speca", replace(ACCEPT_ALL, granularity=granularity)), first_block_runs(pipe) as runs:
-        out = run(pipe)
-        stats = last_stats(pipe)["cond"]
+    # what is accepted: probe level, the probe (last block) runs on the extrapolation of its input;
+    # block level, the first block's feed-forward branch is the extrapolation of its full-step outputs
+    model = pipe.transformer
+    tap = (Tap(model.single_transformer_blocks[-1].norm, pre=True) if granularity == "probe"
+           else Tap(model.transformer_blocks[0].ff))
+    try:
+        with specdist.enabled(pipe, "speca", replace(ACCEPT_ALL, granularity=granularity)), \
+                first_block_runs(pipe) as runs:
+            out = run(pipe)
+            stats = last_stats(pipe)["cond"]
+    finally:
+        tap.remove()
     assert ["".join(d) for d in stats.decisions] == ["FFFAAAFA"] * 2
     assert runs[0] == 4  # full steps only: 4 of 8
     assert stats.full_calls == 4 and stats.spec_calls == 4
-    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert assert_accepted_are_extrapolations(tap.values, "FFFAAAFA", order=1) == 4
+    assert not torch.equal(out, reference)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -122,12 +133,19 @@ def test_true_cfg_speculates_per_context(name):
         exact = run(pipe, cfg=True)
         assert sorted(last_stats(pipe)) == ["cond", "uncond"]
     assert torch.equal(exact, reference)
-    with specdist.enabled(pipe, "speca", ACCEPT_ALL), first_block_runs(pipe) as runs:
-        out = run(pipe, cfg=True)
-        stats = last_stats(pipe)
+    tap = Tap(pipe.transformer.single_transformer_blocks[-1].norm, pre=True)
+    try:
+        with specdist.enabled(pipe, "speca", ACCEPT_ALL), first_block_runs(pipe) as runs:
+            out = run(pipe, cfg=True)
+            stats = last_stats(pipe)
+    finally:
+        tap.remove()
     assert runs[0] == 2 * 4  # 4 full steps per branch
     assert all(["".join(d) for d in s.decisions] == ["FFFAAAFA"] * 2 for s in stats.values())
-    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    # the pipeline calls cond, then uncond, each step: each context extrapolates its own history
+    for context in (tap.values[0::2], tap.values[1::2]):
+        assert assert_accepted_are_extrapolations(context, "FFFAAAFA", order=1) == 4
+    assert not torch.equal(out, reference)
 
 
 def test_disable_restores_the_stock_pipeline():

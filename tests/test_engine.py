@@ -15,6 +15,8 @@ from specdist.engine.verify import combine_rows, forecast_error, threshold
 from specdist.models import adapter_for
 from specdist.sampling import initial_noise, sample_full
 
+from forecast_check import Tap, assert_accepted_are_extrapolations, newton, recording_scheduler
+
 
 # ----- forecaster ---------------------------------------------------------------------------
 
@@ -82,6 +84,12 @@ def test_threshold_schedule_and_branch_combination():
     assert threshold(0.0, 1.0, 0.1, 0.0) == pytest.approx(1.0)
     assert threshold(1.0, 1.0, 0.1, 0.0) == pytest.approx(0.1)
     assert threshold(1.0, 1.0, 0.1, 0.5) == pytest.approx(0.5)
+    # interior points: tau0 * beta ** p, geometric in p (not linear), floored by tau_min
+    assert threshold(0.5, 1.0, 0.1, 0.0) == pytest.approx(0.1 ** 0.5)
+    assert threshold(0.25, 0.2, 0.5, 0.0) == pytest.approx(0.2 * 0.5 ** 0.25)
+    assert threshold(0.5, 0.04, 6.0, 0.0) == pytest.approx(0.04 * 6.0 ** 0.5)  # beta > 1 loosens
+    assert threshold(0.5, 1.0, 0.1, 0.4) == pytest.approx(0.4)
+    assert threshold(0.25, 1.0, 0.1, 0.4) == pytest.approx(0.1 ** 0.25)  # above the floor: untouched
     assert combine_rows(torch.tensor([0.1, 0.5, 0.3, 0.2]), 2).tolist() == pytest.approx([0.3, 0.5])
 
 
@@ -119,13 +127,24 @@ def test_tau_zero_rejects_everything_and_reproduces_full_exactly(tiny):
         assert row["decisions"] == "FFFRRRRR" and row["accepted"] == 0 and row["full_steps"] == 8
 
 
+def _norm(block):
+    """The first module of a block that takes its hidden state (its input, as the block computes it)."""
+    return block.norm1 if hasattr(block, "norm1") else block.norm
+
+
 def test_huge_tau_accepts_and_hooks_are_removed(tiny):
     model, adapter, sched, cond, noise, ref = tiny
-    res = sample_cached(model, adapter, sched, cond, noise, 8, "speca",
-                        CacheConfig(tau0=1e9, beta=1.0, max_run=3), progress=False)
+    probe_input = Tap(_norm(adapter.blocks(model)[-1]), pre=True)
+    try:
+        res = sample_cached(model, adapter, sched, cond, noise, 8, "speca",
+                            CacheConfig(tau0=1e9, beta=1.0, max_run=3), progress=False)
+    finally:
+        probe_input.remove()
     decisions = {row["decisions"] for row in res.stats.per_sample()}
     assert decisions == {"FFFAAAFA"}
     assert res.nfe == 4
+    # the probe ran on every step; on the accepted ones, on the order-1 extrapolation of its input
+    assert assert_accepted_are_extrapolations(probe_input.values, "FFFAAAFA", order=1) == 4
     assert not torch.equal(res.latents, ref.latents)
     for block in adapter.blocks(model):
         registry = HookRegistry.check_if_exists_or_initialize(block)
@@ -182,11 +201,88 @@ def test_per_sample_result_independent_of_batch(tiny):
 
 
 def test_fixed_interval_methods_follow_their_schedule(tiny):
+    """Both skip the same steps; on them ``fora`` reuses the last block's last full output and
+    ``taylorseer`` extrapolates it (order 1): the two are told apart by what they forecast."""
     model, adapter, sched, cond, noise, ref = tiny
-    for method in ("fora", "taylorseer"):
-        res = sample_cached(model, adapter, sched, cond, noise, 8, method, CacheConfig(interval=2), progress=False)
+    latents = {}
+    for method, order in (("fora", 0), ("taylorseer", 1)):
+        last_out = Tap(adapter.blocks(model)[-1])
+        try:
+            res = sample_cached(model, adapter, sched, cond, noise, 8, method, CacheConfig(interval=2, order=1),
+                                progress=False)
+        finally:
+            last_out.remove()
         assert {r["decisions"] for r in res.stats.per_sample()} == {"FFFAFAFA"}
         assert res.nfe == 5
+        assert assert_accepted_are_extrapolations(last_out.values, "FFFAFAFA", order) == 3
+        latents[method] = res.latents
+    assert not torch.equal(latents["fora"], latents["taylorseer"])
+
+
+@pytest.mark.parametrize("method, order", [("fora", 1), ("taylorseer", 0), ("taylorseer", 1), ("taylorseer", 2),
+                                           ("speca", 1), ("speca", 2)])
+def test_accepted_output_is_the_extrapolation_of_the_full_outputs(tiny, method, order):
+    """``granularity: output``: on an accepted step the scheduler gets the Newton extrapolation of
+    the model outputs of the full steps before it (``fora``: the last one, bit for bit)."""
+    model, adapter, sched, cond, noise, ref = tiny
+    rec = recording_scheduler(sched)
+    cfg = CacheConfig(interval=3, order=order, max_run=3, granularity="output")
+    res = sample_cached(model, adapter, rec, cond, noise, 8, method, cfg, progress=False,
+                        threshold_fn=(lambda i: float("inf")) if method == "speca" else None)
+    (decisions,) = {r["decisions"] for r in res.stats.per_sample()}
+    assert decisions == ("FFFAAAFA" if method == "speca" else "FFFAAFAA")
+    effective = 0 if method == "fora" else order
+    assert assert_accepted_are_extrapolations(rec.outputs, decisions, effective) == 4
+
+
+def test_timestep_time_unit_extrapolates_over_the_schedulers_time():
+    """``cache.time: timestep``: forecasts are polynomials in t / num_train_timesteps (on a shifted,
+    non-uniform flow-matching schedule, where that differs from extrapolating over the step index)."""
+    model, _, shape = _tiny("hunyuan")
+    adapter = adapter_for(model)
+    cond = adapter.random_conditioning(model, 2, torch.Generator().manual_seed(1))
+    noise = initial_noise(shape, [0, 1])
+    rec = recording_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    cfg = CacheConfig(interval=3, order=2, granularity="output", time="timestep")
+    res = sample_cached(model, adapter, rec, cond, noise, 8, "taylorseer", cfg, progress=False)
+    (decisions,) = {r["decisions"] for r in res.stats.per_sample()}
+    times = [t / 1000.0 for t in res.timesteps]
+    assert assert_accepted_are_extrapolations(rec.outputs, decisions, 2, times) == 4
+    full = [(i, v) for i, (v, d) in enumerate(zip(rec.outputs, decisions)) if d != "A"]
+    by_index = newton(full[:3], 2, 3)  # what index time would have forecast for step 3
+    assert not torch.allclose(by_index, rec.outputs[3].double(), rtol=1e-3, atol=1e-4)
+
+
+def test_non_default_probe_block_is_the_one_verified(tiny):
+    """``cache.probe_block: 1``: that block runs on every speculative step, on the extrapolation of
+    its own input; the blocks after it do not run; its error is what decides."""
+    model, adapter, sched, cond, noise, ref = tiny
+    blocks = adapter.blocks(model)
+    probe_in, after = Tap(_norm(blocks[1]), pre=True), Tap(_norm(blocks[2]), pre=True)
+    try:
+        res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(probe_block=1, max_run=3),
+                            progress=False, threshold_fn=lambda i: float("inf"))
+    finally:
+        probe_in.remove()
+        after.remove()
+    assert {r["decisions"] for r in res.stats.per_sample()} == {"FFFAAAFA"}
+    assert assert_accepted_are_extrapolations(probe_in.values, "FFFAAAFA", 1) == 4
+    assert len(after.values) == 4  # block 2 ran on the full steps only
+    default = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(max_run=3), progress=False,
+                            threshold_fn=lambda i: float("inf"))
+    errors = [e for e in res.stats.errors[0] if e is not None]
+    assert len(errors) == 4 and errors != [e for e in default.stats.errors[0] if e is not None]
+    exact = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(probe_block=1), progress=False,
+                          threshold_fn=lambda i: 0.0)
+    assert torch.equal(exact.latents, ref.latents)
+
+
+def test_the_loop_uses_the_schedule_at_every_step(tiny):
+    """The τ the loop applies at step i is τ0 · β^(i / (N − 1)) (interior steps included)."""
+    model, adapter, sched, cond, noise, ref = tiny
+    res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(tau0=0.3, beta=0.2),
+                        progress=False)
+    assert res.stats.thresholds == pytest.approx([0.3 * 0.2 ** (i / 7) for i in range(8)])
 
 
 def test_cache_byte_cap_lowers_order_or_fails(tiny):

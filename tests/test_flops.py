@@ -68,11 +68,16 @@ CASES: dict[str, Case] = {
 }
 
 
-def _measured(thunk: Callable[[], Any]) -> int:
-    """Matmul FLOPs counted by torch (math SDPA so attention decomposes into counted bmm calls)."""
+def _counted(thunk: Callable[[], Any]) -> FlopCounterMode:
+    """torch's FLOP counter after one call (math SDPA so attention decomposes into counted bmm calls)."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         thunk()
-    return int(counter.get_total_flops())
+    return counter
+
+
+def _measured(thunk: Callable[[], Any]) -> int:
+    """Matmul FLOPs counted by torch."""
+    return int(_counted(thunk).get_total_flops())
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +102,17 @@ def test_block_count_and_positive(models: dict[str, Any], name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_matches_torch_flop_counter(models: dict[str, Any], name: str) -> None:
+def test_forward_and_every_block_match_torch_flop_counter_exactly(models: dict[str, Any], name: str) -> None:
+    from specdist.models import adapter_for
+
+    model = models[name]
     _, n, t, make_thunk, _ = CASES[name]
-    measured = _measured(make_thunk(models[name]))
-    assert forward_flops(models[name], n, t) == pytest.approx(measured, rel=0.10)
+    counter = _counted(make_thunk(model))
+    assert forward_flops(model, n, t) == int(counter.get_total_flops())
+    per_module = counter.get_flop_counts()  # "<Class>.<block path>" -> {op: flops}
+    measured = [int(sum(per_module[f"{type(model).__name__}.{b}"].values()))
+                for b in adapter_for(model).block_names(model)]
+    assert block_flops(model, n, t) == measured
 
 
 def test_dit_block_matches_flop_counter(models: dict[str, Any]) -> None:
@@ -110,7 +122,7 @@ def test_dit_block_matches_flop_counter(models: dict[str, Any]) -> None:
     x = torch.randn(1, n, 16)
     measured = _measured(lambda: block(x, timestep=torch.tensor([5]), class_labels=torch.tensor([1])))
     analytic = block_flops(model, n, 0)[0]
-    assert analytic == pytest.approx(measured, rel=0.10)
+    assert analytic == measured
     attention = 4 * n * n * 16
     assert abs(analytic - attention - measured) > 0.10 * measured
 
@@ -141,7 +153,7 @@ def test_wan_i2v_image_tokens() -> None:
     measured = _measured(lambda: model(torch.randn(1, 4, 2, 8, 8), timestep=torch.tensor([500]),
                                        encoder_hidden_states=torch.randn(1, 512, 12),
                                        encoder_hidden_states_image=torch.randn(1, 20, 20)))
-    assert forward_flops(model, 32, 512, image_tokens=20) == pytest.approx(measured, rel=0.01)
+    assert forward_flops(model, 32, 512, image_tokens=20) == measured
     assert forward_flops(model, 32, 512) > forward_flops(model, 32, 512, image_tokens=20)  # default 257
 
 

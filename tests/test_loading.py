@@ -134,3 +134,69 @@ def test_bare_wan_transformer_loads_without_accelerate(tmp_path):
     assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
     assert dtypes["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
     assert dtypes["scale_shift_table"] == torch.float32
+
+
+def test_pipeline_directory_is_loaded_from_disk_and_generates(tmp_path):
+    """A diffusers pipeline saved to a directory (``model_index.json``: transformer, VAE, scheduler)
+    is loaded by its path: the same weights and sampler as before saving, the pipeline's own label
+    table (``id2label``, several names per id, names not sorted by id), and ``specdist generate``
+    decodes with its VAE."""
+    from diffusers import DiTPipeline
+
+    from specdist.cli import main
+    from specdist.sampling import initial_noise, sample_full
+    from tiny_pipelines import image_vae
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    scheduler = DDIMScheduler(timestep_spacing="trailing")
+    pipe = DiTPipeline(transformer=model, vae=image_vae(4), scheduler=scheduler)
+    path = tmp_path / "pipe"
+    pipe.save_pretrained(path)
+    index = json.loads((path / "model_index.json").read_text())
+    index["id2label"] = {"0": "dog", "1": "cat, kitty"}  # as DiT pipelines on the Hub carry it
+    (path / "model_index.json").write_text(json.dumps(index))
+
+    bundle = load_model(str(path), device="cpu")
+    assert bundle.source == "pipeline" and bundle.conditioning == "class"
+    assert bundle.class_ids(["cat", "kitty", "dog", "3"]) == [1, 1, 0, 3]
+    assert bundle.scheduler.config.timestep_spacing == "trailing"
+    cond = bundle.encode([], ["cat"], 4.0, 0)
+    noise = initial_noise(bundle.latent_shape(None, None, None), [0])
+    want = sample_full(model, bundle.adapter, scheduler, cond, noise, 3, progress=False)
+    got = sample_full(bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, 3, progress=False)
+    assert torch.equal(want.latents, got.latents)
+
+    out = tmp_path / "out"
+    assert main(["generate", "--quiet", "--set", f"model={path}", "--set", "steps=3", "--set", "num_samples=2",
+                 "--set", "class_labels=[kitty, dog]", "--set", "method=taylorseer", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model_source"] == "pipeline" and report["conditioning"] == "class"
+    assert report["class_labels"] == ["kitty", "dog"] and report["media"] == ["grid.png"]
+    assert (out / "grid.png").stat().st_size > 0  # decoded by the pipeline's VAE
+    assert report["reference"]["pixels"] is not None
+
+
+def test_bare_text_transformer_reports_random_conditioning(tmp_path):
+    """A text-conditioned transformer without a text encoder samples from random conditioning, and
+    the report says so (the prompts are not used)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+    from specdist.cli import main
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                           patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+                                           rope_axes_dim=(2, 2, 4))
+    model.save_pretrained(tmp_path / "bare")
+    FlowMatchEulerDiscreteScheduler().save_pretrained(tmp_path / "bare" / "scheduler")
+    out = tmp_path / "out"
+    assert main(["generate", "--quiet", "--set", f"model={tmp_path / 'bare'}", "--set", "steps=2",
+                 "--set", "num_samples=1", "--set", "height=8", "--set", "width=8", "--set", "frames=2",
+                 "--set", "prompt=[red square moving right]", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model_source"] == "transformer" and report["conditioning"] == "random"
+    assert "random conditioning" in report["conditioning_note"] and "prompts are not used" in report["conditioning_note"]
+    assert report["media"] == [] and (out / "latents.safetensors").is_file()  # latents only

@@ -3,6 +3,7 @@ cancellation, determinism across worker counts, and bad runtime configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 
@@ -15,11 +16,12 @@ from specdist.report import output_sha256
 from specdist.runtime.coordinator import Coordinator, job_for
 from specdist.runtime.jobs import Job, dtype_name
 from specdist.runtime.pool import LocalPool
+from specdist.runtime.report import runtime_report
 from specdist.runtime.run import build_trajectories, run_distributed, worker_spec
 from specdist.runtime.worker import StepWorker, encode_all
 from specdist.sampling import sample_full
 
-from runtime_jobs import STEPS, job, sequential
+from runtime_jobs import STEPS, assert_counters, job, sequential
 
 @pytest.fixture(scope="module")
 def reference():
@@ -54,7 +56,7 @@ def test_rule_is_independent_of_result_order(reference):
     rng = random.Random(0)
     outs = []
     try:
-        for i, t in enumerate(build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32, 2)):
+        for i, t in enumerate(build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)):
             while not t.done:
                 window, wanted = t.window_id, t.wanted()
                 rng.shuffle(wanted)
@@ -77,8 +79,12 @@ def test_local_pool_matches_single_process(reference, workers):
     assert output_sha256(run.latents) == sha
     assert all(len(d) == STEPS for d in run.decisions)
     assert any("A" in d for d in run.decisions) and any("R" in d for d in run.decisions)
-    if workers == 1:
+    rt = runtime_report(cfg, run)
+    assert_counters(rt)
+    assert rt["emulated"] is False and rt["emulate_step_s"] == 0 and "note" not in rt
+    if workers == 1:  # one job at a time, in order: exactly one job per step, nothing wasted
         assert run.stats.jobs_cancelled == 0 and run.stats.jobs_stale == 0
+        assert run.stats.jobs_submitted == 2 * STEPS
 
 
 def test_stale_jobs_are_cancelled_mid_forward(reference):
@@ -90,6 +96,52 @@ def test_stale_jobs_are_cancelled_mid_forward(reference):
     assert run.stats.cancel_requests > 0
     assert run.stats.extra["pool"]["cancelled_mid_forward"] > 0
     assert run.stats.wasted_compute_s > 0
+    rt = runtime_report(cfg, run)
+    assert_counters(rt)
+    assert rt["emulated"] is True and rt["emulate_step_s"] == 0.1
+    assert "emulated" in rt["note"] and "0.1 s" in rt["note"]
+
+
+class LateCancelPool(LocalPool):
+    """A local pool whose cancellations arrive too late: a cancelled job runs to its end, and its
+    (done) result is reported only once nothing else is running, as a slow link would deliver it.
+    The coordinator always has a job of an open window in flight until every sample is done, so
+    these results reach it in its drain after the run."""
+
+    def __init__(self, workers):
+        super().__init__(workers)
+        self.asked, self.held = set(), []
+
+    def cancel(self, job_id):
+        self.asked.add(job_id)
+
+    def wait(self, timeout):
+        out = super().wait(timeout if self.busy else 0.0)
+        self.held += [r for r in out if r.job.id in self.asked]
+        out = [r for r in out if r.job.id not in self.asked]
+        if not self.busy and not out:
+            out, self.held = self.held, []
+        return out
+
+
+def test_drain_after_the_run_counts_late_results_consistently(reference):
+    """Jobs of closed windows that finish *after* the last sample is done (the cancel lost the
+    race) are done and stale, like any stale result: submitted = done + cancelled still holds."""
+    sha, (cfg, bundle, prompts, labels, guidance, noise) = reference
+    cfg.runtime.workers = 3
+    spec = worker_spec(cfg, prompts, labels, guidance)
+    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+    pool = LateCancelPool([worker] * 3)
+    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)
+    try:
+        run = Coordinator(pool, progress=False).run_latency(trajs)
+    finally:
+        pool.close()
+    run.stats.extra.update(pool=dataclasses.asdict(pool.stats))
+    assert output_sha256(run.latents) == sha
+    assert run.stats.jobs_stale > 0 and run.stats.jobs_cancelled == 0
+    assert_counters(runtime_report(cfg, run))
+    assert run.stats.cancel_requests == len(pool.asked)  # each job asked to stop once
 
 
 def test_throughput_mode_matches_the_engine():
@@ -104,6 +156,24 @@ def test_throughput_mode_matches_the_engine():
                           noise[i:i + 1], STEPS, cache=cfg.cache, progress=False)
         assert torch.equal(run.latents[i:i + 1], want.latents)
         assert run.decisions[i] == "".join(want.stats.decisions[0])
+    assert_counters(runtime_report(cfg, run))
+
+
+def test_throughput_emulation_waits_s_times_the_generations_nfe():
+    """Throughput mode with ``emulate_step_s: S``: a generation also waits S × its NFE (its full
+    model evaluations), so it stands for a bigger model's generation; the result is unchanged."""
+    s, knobs = 0.2, ("runtime.mode=throughput", "runtime.workers=2", "cache.tau0=1e9")  # accept every forecast
+    plain = job(*knobs)
+    cfg, bundle, prompts, labels, guidance, noise = job(*knobs, f"runtime.emulate_step_s={s}")
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False)
+    pcfg, pbundle, pprompts, plabels, pguidance, pnoise = plain
+    base = run_distributed(pcfg, pbundle, pnoise, pprompts, plabels, pguidance, progress=False)
+    assert torch.equal(run.latents, base.latents)
+    assert all(n <= STEPS / 2 for n in run.nfe)  # most steps were forecast: S x NFE is far from S x steps
+    emulated = s * sum(run.nfe)
+    assert run.stats.useful_compute_s >= emulated
+    assert run.stats.useful_compute_s - base.stats.useful_compute_s < emulated + 1.0  # S x steps would add 2.4 s
+    assert runtime_report(cfg, run)["emulated"] is True
 
 
 def test_failing_job_is_reported_not_hung():

@@ -218,20 +218,24 @@ class SpeculationHooks:
         self._plans = threading.local()  # one plan per calling thread: the hooks are reentrant
         self._hooked: list[nn.Module] = []
         self.branches: list[tuple[str, ...]] = []
-        for i, block in enumerate(blocks):
-            self._register(block, _BlockHook(self, i, adapter.stream_spec(model, i)))
-            if not self.block_level:
-                continue
-            spec = adapter.branch_spec(model, i)
-            for name in (*spec.cached, *spec.skipped):
-                if not isinstance(getattr(block, name, None), nn.Module):
-                    raise ValueError(f"{adapter.model_class} block {i} has no submodule {name!r} "
-                                     f"(branch spec {spec})")
-            for name in spec.cached:
-                self._register(getattr(block, name), _BranchHook(self, i, name))
-            for name in spec.skipped:
-                self._register(getattr(block, name), _SkipHook(self, i))
-            self.branches.append(spec.cached)
+        try:
+            for i, block in enumerate(blocks):
+                self._register(block, _BlockHook(self, i, adapter.stream_spec(model, i)))
+                if not self.block_level:
+                    continue
+                spec = adapter.branch_spec(model, i)
+                for name in (*spec.cached, *spec.skipped):
+                    if not isinstance(getattr(block, name, None), nn.Module):
+                        raise ValueError(f"{adapter.model_class} block {i} has no submodule {name!r} "
+                                         f"(branch spec {spec})")
+                for name in spec.cached:
+                    self._register(getattr(block, name), _BranchHook(self, i, name))
+                for name in spec.skipped:
+                    self._register(getattr(block, name), _SkipHook(self, i))
+                self.branches.append(spec.cached)
+        except BaseException:  # a refused model keeps no hook
+            self.remove()
+            raise
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
     def _register(self, module: nn.Module, hook: ModelHook) -> None:

@@ -27,11 +27,11 @@ from .rule import FULL, Request, Trajectory
 class RunStats:
     """What a distributed run did (all counts over the whole job)."""
 
-    jobs_submitted: int = 0
-    jobs_done: int = 0
+    jobs_submitted: int = 0  # = jobs_done + jobs_cancelled once the run has ended
+    jobs_done: int = 0  # finished (useful or stale)
     jobs_cancelled: int = 0  # stopped mid-forward or before starting
-    jobs_stale: int = 0  # finished (counted in jobs_done too), but for a window that had closed (wasted)
-    cancel_requests: int = 0
+    jobs_stale: int = 0  # part of jobs_done: finished, but for a window that had closed (wasted)
+    cancel_requests: int = 0  # jobs asked to stop (each counted once; >= jobs_cancelled)
     wasted_compute_s: float = 0.0
     useful_compute_s: float = 0.0
     coordinator_s: float = 0.0  # time the coordinator spent deciding/drafting (not waiting)
@@ -90,6 +90,13 @@ class Coordinator:
         start = last = time.perf_counter()
         inflight: dict[int, tuple[int, Request]] = {}  # job id -> (sample, request)
         submitted: set[tuple[int, int, str, int, str]] = set()  # (sample, window, kind, step, record)
+        asked: set[int] = set()  # job ids already asked to stop
+
+        def cancel(jid: int) -> None:
+            if jid not in asked:
+                asked.add(jid)
+                pool.cancel(jid)
+                stats.cancel_requests += 1
         jobs_per_sample = [0] * len(trajs)
         bar = tqdm(total=sum(t.steps for t in trajs), desc="latency: steps committed", unit="step",
                    disable=not self.progress, leave=False)
@@ -131,13 +138,12 @@ class Coordinator:
                 if t.window_id != window:  # the window closed: cancel what is still running for it
                     for jid, (k, other) in inflight.items():
                         if k == i and other.window != t.window_id:
-                            pool.cancel(jid)
-                            stats.cancel_requests += 1
+                            cancel(jid)
             now_committed = sum(len(t.stats.decisions) for t in trajs)
             bar.update(now_committed - committed)
             committed = now_committed
             stats.coordinator_s += time.perf_counter() - t0
-        self._drain(inflight, stats, last)
+        self._drain(inflight, stats, last, cancel)
         bar.close()
         stats.wall_s = time.perf_counter() - start
         return RunResult(
@@ -152,12 +158,11 @@ class Coordinator:
             drafts=[t.stats.drafts for t in trajs],
         )
 
-    def _drain(self, inflight: dict, stats: RunStats, last: float) -> None:
+    def _drain(self, inflight: dict, stats: RunStats, last: float, cancel) -> None:
         """Jobs of closed windows still running finish or stop before the pool is reused; each is
-        counted once, as cancelled or (finished for a closed window) stale."""
-        for jid in inflight:
-            self.pool.cancel(jid)
-            stats.cancel_requests += 1
+        counted once, as cancelled or (finished for a closed window) done and stale."""
+        for jid in list(inflight):
+            cancel(jid)
         while inflight:
             results, last = self._collect(inflight, last)
             for r in results:

@@ -42,17 +42,25 @@ class RayWorker:
         self.index = index
         self.worker = StepWorker.from_spec(spec)
         self.flags: dict[int, threading.Event] = {}
+        self.started: dict[int, float] = {}  # job id -> when its forward began
 
     def ready(self) -> int:
         """The worker's process id (once the model is loaded)."""
         return os.getpid()
 
+    def running(self) -> dict[int, float]:
+        """Jobs whose forward is running (their input has arrived): job id -> seconds since it began."""
+        now = time.perf_counter()
+        return {jid: now - t for jid, t in list(self.started.items())}
+
     def _compute(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> tuple:
         flag = self.flags.setdefault(job.id, threading.Event())
+        self.started[job.id] = time.perf_counter()
         try:
             r = self.worker.run(job, tensors, flag, self.index)
         finally:
             self.flags.pop(job.id, None)
+            self.started.pop(job.id, None)
         return r.status, (r.output if r.output is not None else torch.empty(0)), r.compute_s, r.meta, r.features
 
     @ray.method(tensor_transport="gloo")
@@ -185,7 +193,9 @@ class RayPool(WorkerPool):
         if not self.alive:
             raise WorkerFailure(f"all Ray workers died (last: worker {w}: {type(exc).__name__}); the run cannot complete")
         if tries > self.max_retries:
-            raise WorkerFailure(f"job {job.id} failed {tries} times (runtime.max_retries={self.max_retries}): {exc}")
+            raise WorkerFailure(f"job {job.id} (sample {job.sample}, step {job.step}) was lost with a dead Ray worker "
+                                f"{tries} time(s) (last: worker {w}: {type(exc).__name__}); runtime.max_retries="
+                                f"{self.max_retries} allows no more resubmissions")
         self.stats.resubmitted += 1
         self.requeue.append(job)
 
@@ -223,6 +233,13 @@ class RayPool(WorkerPool):
         return out
 
 
+def _death_reason(exc: Exception) -> str:
+    """The one line of a Ray actor-death error that says why the actor died."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    why = [ln for ln in lines if ln.startswith("The actor is dead because")]
+    return (why or lines or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+
+
 def _check_address(address: str, timeout: float) -> None:
     """Fail fast when a ``host:port`` Ray address does not answer."""
     bare = address.removeprefix("ray://")
@@ -258,8 +275,11 @@ def _placement_group(rt: Any, gpus: float):
 
 
 def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
-               log: Callable[[str], None] = print, on_workers: Callable[[list[int]], None] | None = None):
-    """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again."""
+               log: Callable[[str], None] = print, on_workers: Callable[[list[int], Any], None] | None = None):
+    """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again.
+
+    ``on_workers(pids, actors)`` is called once the workers are ready (``actors``: their Ray handles,
+    whose ``running()`` says which job each is computing; tests use it to kill a busy worker)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     rt = cfg.runtime
@@ -296,8 +316,13 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
         log(f"specdist: ray backend: {rt.workers} worker actors ready in {time.perf_counter() - t0:.1f}s "
             f"(transport {transport})")
         if on_workers is not None:
-            on_workers(pids)
-        result, pool_stats = ray.get(coord.run.remote(cfg, plan, progress, rt.max_retries))
+            on_workers(pids, workers)
+        try:
+            result, pool_stats = ray.get(coord.run.remote(cfg, plan, progress, rt.max_retries))
+        except ray.exceptions.RayActorError as exc:  # the coordinator actor itself is gone
+            raise SpecdistError(f"the Ray coordinator actor died ({_death_reason(exc)}); the run cannot complete "
+                                "(a worker that dies while a tensor moves to or from it does this: Ray's collective "
+                                "tensor transport then kills both ends of the failed transfer)") from None
         result.stats.extra.update(pool=pool_stats, worker_pids=pids)
         return result
     except ray.exceptions.GetTimeoutError:

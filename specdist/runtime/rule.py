@@ -97,21 +97,20 @@ class Trajectory:
             ``signal="output"``); ``None`` computes every step fully (``full``).
         lookahead: the largest window ``K``; ``adaptive`` lets ``K`` follow the last window.
         dtype: the model's input dtype.
-        rows: model rows per sample (2 with guidance): the history's rows at block granularity.
     """
 
     def __init__(self, scheduler: Any, latents: torch.Tensor, cache: CacheConfig, rule: Rule | None, lookahead: int, *,
-                 adaptive: bool = True, dtype: torch.dtype = torch.float32, rows: int = 1) -> None:
+                 adaptive: bool = True, dtype: torch.dtype = torch.float32) -> None:
         self.sched = scheduler
         self.timesteps = list(scheduler.timesteps)
         self.steps = len(self.timesteps)
         self.cfg, self.rule, self.kmax, self.adaptive, self.dtype = cache, rule, lookahead, adaptive, dtype
         self.speculate = rule is not None
         self.block_level = self.speculate and cache.granularity == "block"
-        self.rows = rows
         self.train_t = float(getattr(scheduler.config, "num_train_timesteps", 1000))
         self.forced = set(rule.forced) if rule is not None else set(range(self.steps))
-        self.history = TaylorCache(cache.order, rows if self.block_level else 1)
+        # block level: made on the first recording, one row per model row of the sample
+        self.history: TaylorCache | None = None if self.block_level else TaylorCache(cache.order, 1)
         self.layout: list[tuple[str, int]] = []  # block level: feature names and tensors per feature
         self.start = 0  # block level: first cached block (sized by the measuring call)
         self.order = cache.order
@@ -185,9 +184,7 @@ class Trajectory:
         last = max(int(k.split(".")[1]) for k in sizes if k.startswith("branch."))
         order, self.start = fit_region(self.order, lambda st: self.rows * region_bytes(sizes, st), last,
                                        self.cfg.max_cache_bytes)
-        if order != self.order:
-            self.order = order
-            self.history = TaylorCache(order, self.rows)
+        self.order = order
         self.phase = "record"
 
     def _input(self, sched: Any, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -202,13 +199,14 @@ class Trajectory:
 
     def _learn(self, step: int) -> None:
         """The full features of a committed step join the history."""
-        rows = torch.arange(self.history.rows)
         if self.block_level:
             feats = self.features.get(step)
             if feats:
-                self.history.update(rows, feats, self._time(step))
+                if self.history is None:
+                    self.history = TaylorCache(self.order, feats[0].shape[0])
+                self.history.update(torch.arange(self.history.rows), feats, self._time(step))
         elif self.speculate:
-            self.history.update(rows, (self.results[step],), self._time(step))
+            self.history.update(torch.arange(1), (self.results[step],), self._time(step))
 
     def _drafted(self, step: int, prediction: torch.Tensor) -> list[int]:
         self.stats.drafts += 1

@@ -39,10 +39,9 @@ def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float
 
 
 def build_trajectories(cfg: Any, adapter: Any, scheduler: Any, noise: torch.Tensor, dtype: torch.dtype,
-                       rows: int = 1, calibration: Calibration | None = None) -> list[Trajectory]:
+                       calibration: Calibration | None = None) -> list[Trajectory]:
     """One latency-mode :class:`Trajectory` per sample (``noise[i]``), its rule made by the engine's
-    decision module (verifier: the reference output itself), states kept on the CPU. ``rows``:
-    model rows per sample (2 with guidance)."""
+    decision module (verifier: the reference output itself), states kept on the CPU."""
     trajs = []
     for i in range(noise.shape[0]):
         sched = fresh_scheduler(scheduler)
@@ -51,7 +50,7 @@ def build_trajectories(cfg: Any, adapter: Any, scheduler: Any, noise: torch.Tens
         rule = None if cfg.method == "full" else make_rule(cfg.method, cfg.cache, cfg.steps, 1, calibration=calibration,
                                                             signal="output")
         trajs.append(Trajectory(sched, latents, cfg.cache, rule, cfg.runtime.lookahead,
-                                adaptive=cfg.runtime.adaptive_lookahead, dtype=dtype, rows=rows))
+                                adaptive=cfg.runtime.adaptive_lookahead, dtype=dtype))
     return trajs
 
 
@@ -76,20 +75,20 @@ def coordinate(pool: Any, cfg: Any, plan: Any, progress: bool) -> RunResult:
 
 def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[str], labels: list[str],
                     guidance: float, *, progress: bool = True, log: Callable[[str], None] = print,
-                    on_workers: Callable[[list[int]], None] | None = None,
+                    on_workers: Callable[[list[int], Any], None] | None = None,
                     calibration: Calibration | None = None) -> RunResult:
     """Run the job of ``cfg`` (``runtime.backend`` local, ray or torchrun rank 0) on ``noise``.
 
-    ``calibration``: speca's, for a quality target. ``on_workers(pids)`` is called once the
-    workers are up (tests use it to kill one).
+    ``calibration``: speca's, for a quality target. ``on_workers(pids, actors)`` is called once
+    the workers are up (tests use it to kill one); ``actors`` are the Ray actor handles on
+    ``ray`` (see :func:`~.ray_backend.run_on_ray`), else ``None``.
     """
     rt: RuntimeConfig = cfg.runtime
     if rt.backend in ("ray", "torchrun"):  # the layout fits (model, machine) or the run ends here, at once
         job_layout(cfg, bundle, tuple(noise.shape[1:]))
     spec = worker_spec(cfg, prompts, labels, guidance, calibration)
     dtype = model_dtype(bundle.transformer)
-    rows = 2 if guidance > 1.0 and bundle.conditions_on != "none" else 1
-    plan = (build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype, rows, calibration)
+    plan = (build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype, calibration)
             if rt.mode == "latency" else noise)
     if rt.backend == "local":
         cond = encode_all(bundle, spec)
@@ -100,7 +99,7 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
                        for _ in range(rt.workers)]
         pool = LocalPool(workers)
         if on_workers is not None:
-            on_workers([os.getpid()] * rt.workers)
+            on_workers([os.getpid()] * rt.workers, None)
         try:
             with torch_threads(rt.threads_per_worker):
                 result = coordinate(pool, cfg, plan, progress)
