@@ -170,7 +170,7 @@ class Trajectory:
         if request.kind == DRAFT:
             return self._drafted(request.step, output.float())
         if request.record == "measure":
-            self._size(meta["sizes"])
+            self._size(meta["sizes"], meta["rows"])
             return []
         self.results[request.step] = output.float()
         if features:
@@ -178,11 +178,11 @@ class Trajectory:
             self.layout = [tuple(x) for x in meta["layout"]]
         return self._advance()
 
-    def _size(self, sizes: dict[str, int]) -> None:
+    def _size(self, sizes: dict[str, int], rows: int) -> None:
         """Block level, after the measuring call: choose the order and the cached region as the
         engine does; the first anchor is then computed again with recording."""
         last = max(int(k.split(".")[1]) for k in sizes if k.startswith("branch."))
-        order, self.start = fit_region(self.order, lambda st: self.rows * region_bytes(sizes, st), last,
+        order, self.start = fit_region(self.order, lambda st: rows * region_bytes(sizes, st), last,
                                        self.cfg.max_cache_bytes)
         self.order = order
         self.phase = "record"
@@ -258,9 +258,8 @@ class Trajectory:
                 return self._close(j, true, passed=True)
             passed = bool(self.rule.accept(d.step, torch.zeros(1, dtype=torch.long), err,
                                            torch.zeros(1, dtype=torch.bool), torch.tensor([j]))[0])
-            if passed and not last:
+            if passed and not last:  # accepted: its state is committed; the history keeps anchors only
                 self.stats.decisions.append("A")
-                self._learn(d.step)
                 continue
             self.stats.decisions.append("F" if passed else "R")
             return self._close(j, true, passed)

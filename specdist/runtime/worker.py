@@ -154,7 +154,8 @@ class StepWorker:
         finally:
             hooks.plan("off")
         if record == "measure":
-            return out, (), {"sizes": dict(plan.sizes)}
+            guided = self.cond.uncond_kwargs is not None and self.cond.guidance_scale > 1.0
+            return out, (), {"sizes": dict(plan.sizes), "rows": x_in.shape[0] * (2 if guided else 1)}
         names = hooks.feature_names(job.meta.get("start", 0))
         feats = [plan.recorded[n] for n in names]
         layout = [[n, len(f)] for n, f in zip(names, feats)]
