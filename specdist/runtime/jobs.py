@@ -71,3 +71,5 @@ class WorkerSpec:
     peer: dict[str, Any]
     threads: int = 1
     emulate_step_s: float = 0.0
+    attention_backend: str = "auto"
+    offload: str = "none"

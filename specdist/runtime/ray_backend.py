@@ -36,11 +36,11 @@ from .pool import PoolStats, WorkerFailure, WorkerPool, tensor_bytes
 class RayWorker:
     """A reference worker actor (wraps a :class:`~specdist.runtime.worker.StepWorker`)."""
 
-    def __init__(self, spec: WorkerSpec, index: int) -> None:
+    def __init__(self, spec: WorkerSpec, index: int, cond: Any = None) -> None:
         from .worker import StepWorker
 
         self.index = index
-        self.worker = StepWorker.from_spec(spec)
+        self.worker = StepWorker.from_spec(spec, cond)  # cond: the job's encoded prompts (no text encoder here)
         self.flags: dict[int, threading.Event] = {}
 
     def ready(self) -> int:
@@ -234,8 +234,10 @@ def _placement_group(rt: Any, gpus: float):
 
 
 def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
-               log: Callable[[str], None] = print, on_workers: Callable[[list[int]], None] | None = None):
-    """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again."""
+               log: Callable[[str], None] = print, on_workers: Callable[[list[int]], None] | None = None,
+               cond: Any = None):
+    """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again. ``cond``
+    (the job's encoded conditioning, on the CPU) goes to each worker actor with its constructor."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     rt = cfg.runtime
@@ -260,7 +262,7 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
         pg = _placement_group(rt, gpus)
         strat = lambda i: PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
         worker_cls = ray.remote(max_concurrency=2)(RayWorker)
-        workers = [worker_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strat(i + 1)).remote(spec, i)
+        workers = [worker_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strat(i + 1)).remote(spec, i, cond)
                    for i in range(rt.workers)]
         actors.extend(workers)
         t0 = time.perf_counter()

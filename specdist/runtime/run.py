@@ -29,6 +29,7 @@ def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float
         prompts=tuple(prompts), labels=tuple(labels), guidance=guidance, seed=cfg.seed, steps=cfg.steps,
         method=cfg.method, cache=dataclasses.asdict(cfg.cache), peer=dataclasses.asdict(cfg.peer),
         threads=rt.threads_per_worker, emulate_step_s=rt.emulate_step_s,
+        attention_backend=cfg.attention_backend, offload=cfg.offload,
     )
 
 
@@ -66,17 +67,19 @@ def coordinate(pool: Any, cfg: Any, plan: Any, progress: bool) -> RunResult:
 
 def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[str], labels: list[str],
                     guidance: float, *, progress: bool = True, log: Callable[[str], None] = print,
-                    on_workers: Callable[[list[int]], None] | None = None) -> RunResult:
+                    on_workers: Callable[[list[int]], None] | None = None, cond: Any = None) -> RunResult:
     """Run the job of ``cfg`` (``runtime.backend`` local, ray or torchrun rank 0) on ``noise``.
 
-    ``on_workers(pids)`` is called once the workers are up (tests use it to kill one).
+    ``cond``: the job's encoded conditioning (all samples; encoded here when ``None``). Workers get
+    it from here and load only the transformer. ``on_workers(pids)`` is called once the workers
+    are up (tests use it to kill one).
     """
     rt: RuntimeConfig = cfg.runtime
     spec = worker_spec(cfg, prompts, labels, guidance)
+    cond = encode_all(bundle, spec) if cond is None else cond
     dtype = model_dtype(bundle.transformer)
     plan = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype) if rt.mode == "latency" else noise
     if rt.backend == "local":
-        cond = encode_all(bundle, spec)
         if rt.mode == "latency":  # step jobs share the model
             workers = [StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, cond, spec)] * rt.workers
         else:  # a generation hooks its model: one copy per thread
@@ -95,9 +98,9 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     if rt.backend == "ray":
         from .ray_backend import run_on_ray
 
-        return run_on_ray(cfg, spec, plan, progress=progress, log=log, on_workers=on_workers)
+        return run_on_ray(cfg, spec, plan, progress=progress, log=log, on_workers=on_workers, cond=cond.to("cpu"))
     if rt.backend == "torchrun":
         from .torchrun_backend import run_on_torchrun
 
-        return run_on_torchrun(cfg, spec, plan, progress=progress, log=log)
+        return run_on_torchrun(cfg, spec, plan, progress=progress, log=log, cond=cond.to("cpu"))
     raise ValueError(f"run_distributed: backend {rt.backend!r} is not a distributed backend")

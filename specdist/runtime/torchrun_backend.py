@@ -229,8 +229,9 @@ def _shapes(cfg: Any, spec: WorkerSpec, plan: Any) -> tuple[tuple[int, ...], tor
 
 
 def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
-                    log: Callable[[str], None] = print):
-    """Rank 0: coordinate ``plan`` over the worker ranks (which run :func:`run_worker_rank`)."""
+                    log: Callable[[str], None] = print, cond: Any = None):
+    """Rank 0: coordinate ``plan`` over the worker ranks (which run :func:`run_worker_rank`); the
+    job's encoded conditioning ``cond`` (CPU tensors) is broadcast to them once."""
     from .run import coordinate
 
     rank, world, ctrl = init(cfg.runtime, spec.device)
@@ -240,6 +241,7 @@ def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = T
     # the job's shapes go to the workers once (a worker rank cannot build the plan cheaply)
     dims = torch.tensor([len(in_shape), *in_shape] + [0] * (8 - len(in_shape)), dtype=torch.int64)
     dist.broadcast(dims.to(_wire()), src=0)
+    dist.broadcast_object_list([cond], src=0)  # the encoded prompts: workers load no text encoder
     pool = TorchrunPool(world, ctrl, out_shape, cfg.runtime.job_timeout_s)
     log(f"specdist: torchrun backend: {world - 1} worker ranks ({dist.get_backend()})")
     try:
@@ -252,13 +254,17 @@ def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = T
 
 
 def run_worker_rank(cfg: Any, spec: WorkerSpec) -> int:
-    """A worker rank (≥ 1): load the model from ``spec`` and serve jobs until rank 0 stops."""
-    from .worker import StepWorker
+    """A worker rank (≥ 1): load the transformer from ``spec``, receive the job's shapes and encoded
+    conditioning from rank 0, and serve jobs until rank 0 stops."""
+    from .worker import StepWorker, load_worker_model
 
     rank, world, ctrl = init(cfg.runtime, spec.device)
-    worker = StepWorker.from_spec(spec)
+    bundle = load_worker_model(spec)  # before the broadcasts: rank 0 waits there until every rank has loaded
     dims = torch.zeros(9, dtype=torch.int64, device=_wire())
     dist.broadcast(dims, src=0)
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, box[0], spec)
     dims = dims.cpu()
     n = int(dims[0])
     shape = tuple(int(d) for d in dims[1:1 + n])
