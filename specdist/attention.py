@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `import specdist` (configs, CLI) stays light
+    import torch
+    from torch import nn
 
 ATTENTION_BACKENDS = ("auto", "native", "flash", "flash_varlen", "flash3", "sage", "sage_varlen", "xformers")
 """Allowed ``attention_backend`` values."""
@@ -81,6 +82,7 @@ def _processors(model: nn.Module) -> tuple[int, int]:
 def unavailable(backend: str, model: nn.Module, adapter: Any, device: torch.device, dtype: torch.dtype,
                 context_parallel: bool = False) -> str | None:
     """Why ``backend`` cannot run ``model`` (on ``device`` in ``dtype``) here, or ``None`` when it can."""
+    import torch
     from diffusers.models.attention_dispatch import (AttentionBackendName, _AttentionBackendRegistry,
                                                      _check_attention_backend_requirements)
 
@@ -91,6 +93,15 @@ def unavailable(backend: str, model: nn.Module, adapter: Any, device: torch.devi
     if backend != "native" and dispatch == 0:
         return (f"{adapter.model_class}'s attention processors call SDPA themselves and do not go through "
                 f"diffusers' attention dispatcher; only 'native' applies")
+    masked = getattr(adapter, "attention_mask", False)
+    if masked and backend in _NO_MASK:
+        return (f"{adapter.model_class} passes an attention mask, which diffusers' {name.value!r} backend does not "
+                f"take (use flash_varlen, sage_varlen or native)")
+    if masked and backend in _DENSE_MASK:
+        return (f"{adapter.model_class} passes an attention mask, which diffusers' xformers backend expands to a "
+                f"dense [batch, heads, tokens, tokens] bias (use flash_varlen or native)")
+    if context_parallel and not _AttentionBackendRegistry._is_context_parallel_available(name):
+        return "does not support context parallelism in diffusers"
     try:
         _check_attention_backend_requirements(name)
     except RuntimeError as err:
@@ -103,14 +114,6 @@ def unavailable(backend: str, model: nn.Module, adapter: Any, device: torch.devi
         return f"needs compute capability >= {need} (this GPU: {have})"
     if backend in _HALF_ONLY and dtype not in (torch.bfloat16, torch.float16):
         return f"needs bfloat16 or float16 weights (the model is {str(dtype).removeprefix('torch.')}; set dtype)"
-    if getattr(adapter, "attention_mask", False) and backend in _NO_MASK:
-        return (f"{adapter.model_class} passes an attention mask, which diffusers' {name.value!r} backend does not "
-                f"take (use flash_varlen, sage_varlen or native)")
-    if getattr(adapter, "attention_mask", False) and backend in _DENSE_MASK:
-        return (f"{adapter.model_class} passes an attention mask, which diffusers' xformers backend expands to a "
-                f"dense [batch, heads, tokens, tokens] bias (use flash_varlen or native)")
-    if context_parallel and not _AttentionBackendRegistry._is_context_parallel_available(name):
-        return "does not support context parallelism in diffusers"
     return None
 
 

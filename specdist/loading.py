@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention import apply_attention_backend
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, SpecdistError
 from .memory import apply_offload, check_offload, on_device, resolve_dtype
 from .models import ModelAdapter, adapter_for
 from .models.base import Conditioning
@@ -316,7 +316,9 @@ def load_model(model: str, *, device: str = "auto", dtype: str = "auto", schedul
             bundle = _pipeline_bundle(path, dev, dt)
         else:
             bundle = _transformer_bundle(path, scheduler, dev, dt)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except SpecdistError:
+        raise
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"could not load {kind} checkpoint at {path}: {first}") from None
     bundle.setup = {"dtype": dtype, "components": components,

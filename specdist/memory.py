@@ -11,7 +11,8 @@
     on the device. This is what diffusers' ``enable_model_cpu_offload`` achieves for a pipeline
     call, done here by explicit moves around the two phases (specdist calls the transformer
     itself, so accelerate's per-call hooks would only add a device guess).
-  - ``group``: diffusers' own group offloading (``diffusers.hooks.apply_group_offloading``): the
+  - ``group``: diffusers' own group offloading (``diffusers.hooks.apply_group_offloading``, which
+    moves tensors with accelerate's ``send_to_device``, so it needs ``accelerate``): the
     transformer's weights live in (pinned) CPU memory and each block is copied in on a CUDA stream
     while the previous one runs (``block_level``, one block per group); text encoders and VAE the
     same at ``leaf_level``. For GPUs too small for the weights; costs PCIe time every step.
@@ -31,12 +32,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `import specdist` (configs, CLI) stays light
+    import torch
+    from torch import nn
 
 OFFLOADS = ("none", "model", "group")
 VAE_MODES = ("auto", True, False)
@@ -52,6 +54,8 @@ def resolve_dtype(dtype: str, kind: str, device: torch.device) -> str:
 
 def _side_components(pipe: Any) -> dict[str, nn.Module]:
     """A pipeline's modules other than the transformer (text encoders, VAE, image encoders)."""
+    from torch import nn
+
     return {name: c for name, c in (getattr(pipe, "components", {}) or {}).items()
             if isinstance(c, nn.Module) and name != "transformer"}
 
@@ -66,14 +70,24 @@ def check_offload(offload: str, device: torch.device, kind: str, key: str = "off
     if offload == "model" and kind != "pipeline":
         raise ConfigError(f"invalid value for '{key}': 'model' (allowed: none or group for a {kind} checkpoint: "
                           f"model offload moves a diffusers pipeline's text encoders and VAE)")
+    if offload == "group":
+        from diffusers.utils import is_accelerate_available
+
+        if not is_accelerate_available():
+            raise ConfigError(f"invalid value for '{key}': 'group' (diffusers' group offloading needs the accelerate "
+                              f"package: pip install accelerate, or pip install specdist[gpu])")
 
 
-def apply_group_offload(module: nn.Module, onload: torch.device, offload: torch.device = torch.device("cpu"), *,
+def apply_group_offload(module: nn.Module, onload: torch.device, offload: torch.device | None = None, *,
                         level: str = "block_level") -> None:
-    """diffusers' group offloading of ``module``: weights in ``offload`` memory, copied to ``onload``
-    per block (``block_level``, one block per group) or per leaf (``leaf_level``), on a CUDA stream
-    when ``onload`` is CUDA (else synchronously: the same hooks, used by the CPU tests)."""
+    """diffusers' group offloading of ``module``: weights in ``offload`` memory (default: the CPU),
+    copied to ``onload`` per block (``block_level``, one block per group) or per leaf
+    (``leaf_level``), on a CUDA stream when ``onload`` is CUDA (else synchronously: the same hooks,
+    used by the CPU tests)."""
+    import torch
     from diffusers.hooks import apply_group_offloading
+
+    offload = torch.device("cpu") if offload is None else offload
 
     stream = onload.type == "cuda"
     apply_group_offloading(module, onload_device=onload, offload_device=offload, offload_type=level,
@@ -108,6 +122,8 @@ def on_device(modules: list[nn.Module], device: torch.device, active: bool) -> I
     if not active:
         yield
         return
+    import torch
+
     for m in modules:
         m.to(device)
     try:

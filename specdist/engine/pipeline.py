@@ -55,7 +55,8 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from ..errors import SpecdistError
+from ..attention import apply_attention_backend
+from ..errors import ConfigError, SpecdistError
 from ..models import adapter_for
 from ..models.base import ModelAdapter
 from .config import CACHE_METHODS, CacheConfig
@@ -199,18 +200,26 @@ def _hook(pipe: Any) -> _PipelineHook | None:
     return None if registry is None else registry.get_hook(HOOK_NAME)
 
 
-def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -> None:
+def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
+           attention_backend: str | None = None) -> dict[str, Any] | None:
     """Make ``pipe`` (a diffusers pipeline with a transformer in :data:`SUPPORTED`) speculate.
 
     Args:
         pipe: the pipeline; its ``transformer`` gets the hooks, its ``scheduler`` is read every call.
         method: ``speca`` (forecast, verify with one block, roll back), ``taylorseer`` or ``fora``.
         cache: the method's knobs (default :class:`CacheConfig`); validated here.
+        attention_backend: set on ``pipe.transformer`` the way ``specdist generate`` sets it
+            (:func:`specdist.attention.apply_attention_backend`: ``auto``, ``native``, ``flash``, …);
+            ``None`` leaves the transformer's backend as it is.
+
+    Returns:
+        What :func:`~specdist.attention.apply_attention_backend` set, or ``None``.
 
     Raises:
-        SpecdistError: unsupported transformer or method, invalid ``cache``, a diffusers cache
-            already enabled, or specdist already enabled on ``pipe`` (not idempotent: a second
-            call with other settings would silently be ignored; :func:`disable` first).
+        SpecdistError: unsupported transformer or method, invalid ``cache``, an attention backend
+            that cannot run here, a diffusers cache already enabled, or specdist already enabled on
+            ``pipe`` (not idempotent: a second call with other settings would silently be ignored;
+            :func:`disable` first).
     """
     model = getattr(pipe, "transformer", None)
     name = type(model).__name__
@@ -226,6 +235,12 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -
         raise SpecdistError("specdist.enable: a diffusers cache is enabled on pipe.transformer "
                             "(call pipe.transformer.disable_cache() first)")
     adapter = adapter_for(model)
+    attention = None
+    if attention_backend is not None:
+        try:
+            attention = apply_attention_backend(model, adapter, attention_backend)
+        except ConfigError as err:
+            raise SpecdistError(f"specdist.enable: {err}") from None
     try:
         blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
     except (ValueError, NotImplementedError) as err:
@@ -233,6 +248,7 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None) -
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(_PipelineHook(pipe, adapter, blocks, method, cfg), HOOK_NAME)
     registry.invalidate_child_registries_cache()
+    return attention
 
 
 def disable(pipe: Any) -> None:
