@@ -242,8 +242,9 @@ def test_storage_dtype_and_host_offload_fit_every_block_of_hunyuan_video_720p(st
     offload every block is cached in pinned host memory (117 GB bf16 / 58.5 GB fp8, under the
     default 192 GiB host cap) and the device holds only the working set, the entry in use as stored
     and in bf16 plus the prefetched next entry: 2 x (2 x 731.5 + 731.5) MB = 4.4 GB (bf16) or
-    2 x (2 x 365.7 + 731.5) MB = 2.9 GB (fp8), so a step peaks near 39.0 + 4.4 = 43.4 GB. Arithmetic
-    only: not measured on a GPU."""
+    2 x (2 x 365.7 + 731.5) MB = 2.9 GB (fp8), so a step peaks near 39.0 + 4.4 = 43.4 GB. The host
+    needs the cache in page-locked memory, at most 80% of its RAM: 109 GiB of bf16 factors need a
+    host with >= 137 GiB, 54.5 GiB of fp8 >= 68 GiB. Arithmetic only: not measured on a GPU."""
     from specdist.engine.cache_memory import plan_block_cache
     from specdist.engine.forecast import CacheStorage
 

@@ -180,3 +180,25 @@ def test_working_set_arithmetic():
     assert plan.host_bytes == plan.stored_bytes == 400 and plan.device_bytes == 2 * (2 * 100 + 200)
     on_device = plan_block_cache(Hooks, sizes, 2, 4, 1, 2, CacheStorage.named("bfloat16"), 600, 0)
     assert (on_device.start, on_device.host_bytes, on_device.device_bytes) == (0, 0, 600)
+
+
+def test_pinned_arena_hands_out_aligned_zeroed_tensors_and_the_host_share_is_checked():
+    from specdist.engine.cache_memory import BlockCachePlan, storage_for
+    from specdist.engine.host_memory import ALIGN, PinnedArena
+
+    arena = PinnedArena(3 * ALIGN, pin=False)  # no CUDA here: the same arena, not page-locked
+    arena.buf.fill_(7)
+    a = arena.take((3, 5), torch.float32)
+    b = arena.take((10,), torch.bfloat16)
+    assert a.abs().sum() == 0 and b.abs().sum() == 0 and a.data_ptr() % 4 == 0
+    assert b.data_ptr() - arena.buf.data_ptr() == ALIGN  # the second one starts on the next boundary
+    assert arena.take((ALIGN,), torch.float32) is None  # does not fit: the cache allocates it alone
+    arena.close()
+    plan = BlockCachePlan(1, 0, 60, 100 << 30, 4 << 30, 100 << 30)
+    sized = storage_for(plan, CacheStorage.named("bfloat16", host=True), 192 << 30, physical=256 << 30)
+    assert (100 << 30) < sized.host_capacity < (101 << 30)
+    with pytest.raises(ConfigError, match=r"'cache.max_host_bytes': 206158430208 \(allowed: at most \d+ bytes here: "
+                                          r"the cache would page-lock 100.0 GiB, more than 80% of this machine's "
+                                          r"120.0 GiB"):
+        storage_for(plan, CacheStorage.named("bfloat16", host=True), 192 << 30, physical=120 << 30)
+    assert storage_for(plan, CacheStorage.named("bfloat16"), physical=1).host_capacity == 0  # device storage

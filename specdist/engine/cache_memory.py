@@ -13,11 +13,15 @@ fit ``max_cache_bytes``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigError
 from .forecast import CacheStorage
+from .host_memory import physical_memory
+
+HOST_MEMORY_SHARE = 0.8
+"""At most this share of the machine's physical memory is page-locked for a cache."""
 
 
 def working_set_bytes(order: int, rows: int, sizes: dict[str, int], itemsize: int, storage: CacheStorage) -> int:
@@ -78,3 +82,22 @@ def plan_block_cache(hooks: Any, sizes: dict[str, int], rows: int, itemsize: int
     else:
         device, host = total, 0
     return BlockCachePlan(m, start, hooks.last + 1 - start, total, device, host)
+
+
+def storage_for(plan: BlockCachePlan, storage: CacheStorage, max_host_bytes: int = 0,
+                physical: int | None = None) -> CacheStorage:
+    """``storage`` with the plan's exact host capacity (one page-locked arena, plus alignment slack).
+
+    Raises:
+        ConfigError: the host part would take more than :data:`HOST_MEMORY_SHARE` of this machine's
+            ``physical`` memory (default: what the OS reports), which would stall or kill it.
+    """
+    if not storage.host:
+        return storage
+    physical = physical_memory() if physical is None else physical
+    if physical and plan.host_bytes > HOST_MEMORY_SHARE * physical:
+        raise ConfigError(f"invalid value for 'cache.max_host_bytes': {max_host_bytes} (allowed: at most "
+                          f"{int(HOST_MEMORY_SHARE * physical)} bytes here: the cache would page-lock "
+                          f"{plan.host_bytes / 2**30:.1f} GiB, more than {HOST_MEMORY_SHARE:.0%} of this machine's "
+                          f"{physical / 2**30:.1f} GiB; or a smaller cache.storage_dtype)")
+    return replace(storage, host_capacity=plan.host_bytes + (plan.host_bytes >> 10) + (16 << 20))

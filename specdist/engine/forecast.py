@@ -69,6 +69,7 @@ class CacheStorage:
 
     dtype: torch.dtype | None = None
     host: bool = False
+    host_capacity: int = 0  # host: bytes to page-lock at once, exactly (0: torch's per-tensor pinned allocator)
 
     @classmethod
     def named(cls, dtype: str = "compute", host: bool = False) -> "CacheStorage":
@@ -101,7 +102,10 @@ class TaylorCache:
     Args:
         order: maximum order ``m`` (0 = reuse).
         rows: number of rows.
-        storage: how the factors are stored (default: the features' dtype, on their device).
+        storage: how the factors are stored (default: the features' dtype, on their device). With
+            ``host`` and ``host_capacity`` on CUDA, the factors come from one exact-size page-locked
+            :class:`~specdist.engine.host_memory.PinnedArena` (torch's pinned allocator rounds each
+            tensor up to a power of two); tensors beyond it fall back to that allocator.
     """
 
     def __init__(self, order: int, rows: int, storage: CacheStorage | None = None) -> None:
@@ -117,11 +121,19 @@ class TaylorCache:
         self.filled = torch.zeros(rows, dtype=torch.long)  # [rows] full steps seen, capped at m+1
         self._staged: dict[int, tuple[torch.cuda.Event | None, list[torch.Tensor]]] = {}  # prefetched, as stored
         self._stream: torch.cuda.Stream | None = None  # host <-> CUDA copies (host storage only)
+        self._arena = None  # PinnedArena, made on the first host allocation
+
+    def close(self) -> None:
+        """Release page-locked host memory (after the device finished its copies)."""
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
 
     def reset(self) -> None:
         """Forget everything (a new generation)."""
         self.factors, self.scales, self.kinds = [], [], []
         self._staged.clear()
+        self.close()
         self.nodes.fill_(float("nan"))
         self.filled.zero_()
 
@@ -182,16 +194,27 @@ class TaylorCache:
         shape = (self.rows, *value.shape[1:])
         sdtype = self.storage.dtype or dtype
         if self.storage.host:
-            try:
-                stored = [torch.zeros(shape, dtype=sdtype, pin_memory=self._pinned(feat)) for _ in range(self.order + 1)]
-            except RuntimeError as err:
-                raise MemoryError(f"cannot keep {self.order + 1} x {list(shape)} {sdtype} factors in pinned host "
-                                  f"memory ({str(err).splitlines()[0]}); lower cache.max_host_bytes") from None
+            stored = [self._host_tensor(shape, sdtype, self._pinned(feat)) for _ in range(self.order + 1)]
         else:
             stored = [torch.zeros(shape, dtype=sdtype, device=device) for _ in range(self.order + 1)]
         self.factors.append(stored)
         self.scales.append([torch.ones(self.rows, dtype=torch.float32, device=device) for _ in stored]
                            if self.storage.scaled else None)
+
+    def _host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """Zeroed host storage: from the exact-size arena when one is planned, else allocated alone."""
+        from .host_memory import PinnedArena
+
+        if self._arena is None and self.storage.host_capacity and pin:
+            self._arena = PinnedArena(self.storage.host_capacity, pin=True)
+        t = self._arena.take(shape, dtype) if self._arena is not None else None
+        if t is not None:
+            return t
+        try:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        except RuntimeError as err:
+            raise MemoryError(f"cannot keep a {list(shape)} {dtype} factor in pinned host memory "
+                              f"({str(err).splitlines()[0]}); lower cache.max_host_bytes") from None
 
     def _encode(self, value: torch.Tensor, feat: int, j: int, rows: torch.Tensor | None) -> torch.Tensor:
         """``value`` (compute dtype, device) in the storage dtype, on the compute device; fp8 sets

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..models.base import Conditioning, ModelAdapter
 from ..sampling import SampleResult, fresh_scheduler, init_latents, model_device, model_dtype, scale_input
 from .config import CacheConfig
-from .cache_memory import plan_block_cache
+from .cache_memory import plan_block_cache, storage_for
 from .forecast import CacheStorage, RecordSink, TaylorCache
 from .hooks import SpeculationHooks
 from .policy import must_compute_full, verification_waived
@@ -206,7 +206,7 @@ class SpeculativeStepper:
                                 self.cfg.max_cache_bytes, self.cfg.max_host_bytes)
         order, self.start = plan.order, plan.start
         self.stats.effective_order = order
-        self.cache = self.cache_cls(order, rows, storage=self.storage)
+        self.cache = self.cache_cls(order, rows, storage=storage_for(plan, self.storage, self.cfg.max_host_bytes))
         self.stats.extra["cached_blocks"] = self.hooks.last + 1 - self.start
         self.sized = True
 
