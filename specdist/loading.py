@@ -30,6 +30,9 @@ from .zoo import ZOO_SPECS, checkpoint_path
 from .zoo.text_encoder import PromptEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOW_MEM = diffusers.utils.is_accelerate_available()
+"""diffusers loads weights without first initialising them randomly only with accelerate (the gpu
+extra): minutes saved on a 12.8B checkpoint; without it every load initialises, then overwrites."""
 DEFAULT_VIDEO_PROMPTS = [
     "red square moving right",
     "blue circle moving down",
@@ -178,11 +181,11 @@ def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype,
     if spec is None:
         raise CheckpointError(f"{path}: specdist_model.json names unknown zoo model {meta.get('name')!r}")
     cls = getattr(diffusers, spec.transformer_class)
-    transformer = cls.from_pretrained(path / "transformer", torch_dtype=dtype, low_cpu_mem_usage=False).eval()
+    transformer = cls.from_pretrained(path / "transformer", torch_dtype=dtype, low_cpu_mem_usage=_LOW_MEM).eval()
     scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(path / "scheduler")
     text_encoder = None
     if text and (path / "text_encoder").is_dir():
-        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
+        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32, low_cpu_mem_usage=_LOW_MEM).to(device).eval()
     c, *rest = spec.sample_shape
     frames = rest[0] if len(rest) == 3 else 1
     return ModelBundle(
@@ -204,7 +207,7 @@ def _pipeline_transformer_bundle(path: Path, dtype: torch.dtype) -> ModelBundle:
     except ValueError as exc:
         raise CheckpointError(f"{path}/model_index.json: {exc}") from None
     transformer = getattr(diffusers, entry[1]).from_pretrained(path / "transformer", torch_dtype=dtype,
-                                                               low_cpu_mem_usage=False).eval()
+                                                               low_cpu_mem_usage=_LOW_MEM).eval()
     scheduler = _scheduler_class(sched[1]).from_pretrained(path / "scheduler")
     size = getattr(transformer.config, "sample_size", 32) or 32
     return ModelBundle(name=str(path), source="pipeline", path=path, transformer=transformer, adapter=adapter,
@@ -212,7 +215,7 @@ def _pipeline_transformer_bundle(path: Path, dtype: torch.dtype) -> ModelBundle:
 
 
 def _pipeline_bundle(path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=_LOW_MEM)
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise CheckpointError(f"{path}: the pipeline has no 'transformer' component (specdist accelerates diffusion transformers)")
@@ -251,7 +254,7 @@ def _transformer_bundle(path: Path, scheduler_name: str | None, device: torch.de
         )
     else:
         scheduler = _scheduler_class(scheduler_name)()
-    transformer = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False).eval()
+    transformer = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=_LOW_MEM).eval()
     size = getattr(transformer.config, "sample_size", 32) or 32
     return ModelBundle(
         name=str(path), source="transformer", path=path, transformer=transformer, adapter=adapter,
