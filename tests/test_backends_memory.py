@@ -238,3 +238,17 @@ def test_report_records_backend_dtype_vae_offload_and_cache_memory(tmp_path):
     assert mem["cache_host_bytes"] == mem["cache_bytes"] == saved["cache_bytes"] > 0 and mem["cache_device_bytes"] == 0
     assert "no CUDA device" in mem["note"] and mem["torch_max_memory_allocated_mib"] is None
     assert saved["config"]["cache"]["storage_dtype"] == "bfloat16" and saved["config"]["attention_backend"] == "auto"
+
+
+@pytest.mark.parametrize("name", ["hunyuan-video-720p", "hunyuan-video-720p-8gpu"])
+def test_the_gpu_configs_validate(name):
+    from specdist.config import load_config
+
+    cfg = load_config(f"configs/{name}.yaml", ["model=/models/HunyuanVideo"])
+    assert (cfg.height, cfg.width, cfg.frames, cfg.device, cfg.dtype) == (720, 1280, 129, "cuda", "auto")
+    if name.endswith("8gpu"):
+        assert cfg.runtime.mode == "latency" and cfg.runtime.workers == 8
+        with pytest.raises(ConfigError, match="'cache.storage_dtype': 'float8_e4m3fn' .* runtime.mode=latency"):
+            load_config(f"configs/{name}.yaml", ["cache.storage_dtype=float8_e4m3fn"])
+    else:
+        assert cfg.cache.host_offload and cfg.cache.storage_dtype == "float8_e4m3fn"
