@@ -85,7 +85,7 @@ class CacheConfig:
     """fora, taylorseer, speca: dtype the Taylor factors are *stored* in: ``compute`` (the features'
     own dtype, i.e. the model's), ``float32``, ``bfloat16``, ``float16`` (may overflow on large
     activations; an overflowing forecast is rejected as non-finite) or fp8 ``float8_e4m3fn`` /
-    ``float8_e5m2`` (one float32 scale per row and factor). The forecast arithmetic always runs in
+    ``float8_e5m2`` (one float32 scale per token, i.e. per row and position of the last dimension). The forecast arithmetic always runs in
     the compute dtype; only what is kept between steps is converted. Halving the bytes lets twice the
     blocks fit in ``max_cache_bytes``. Applies to the single-device engine (``runtime.backend:
     none`` and ``runtime.mode: throughput``)."""
