@@ -16,11 +16,13 @@ __version__ = "0.1.0"
 
 
 # The pipeline drop-in imports torch and diffusers: load it on first use so `import specdist` stays light.
-def enable(pipe: Any, method: str = "speca", cache: "CacheConfig | None" = None) -> None:
-    """Speculative caching on a stock diffusers pipeline (:func:`specdist.engine.pipeline.enable`)."""
+def enable(pipe: Any, method: str = "speca", cache: "CacheConfig | None" = None,
+           attention_backend: str | None = None) -> dict[str, Any] | None:
+    """Speculative caching on a stock diffusers pipeline (:func:`specdist.engine.pipeline.enable`);
+    ``attention_backend`` (e.g. ``"auto"``) is set on its transformer as ``specdist generate`` does."""
     from .engine.pipeline import enable as _enable
 
-    _enable(pipe, method, cache)
+    return _enable(pipe, method, cache, attention_backend)
 
 
 def disable(pipe: Any) -> None:

@@ -154,6 +154,7 @@ def _row(method, knobs, res, wall, ref, ref_wall, pixels, ref_pixels, flops, gui
             "mean_accepted_run": summary["mean_accepted_run"],
             "cache_bytes": summary["cache_bytes"],
             "full_steps_min_max": [min(summary["full_steps"]), max(summary["full_steps"])],
+            "decisions": summary["decisions"],
             "verification_overhead_flops": summary["verification_overhead"]["flops_fraction_of_full_inference"],
             "speculative_time_fraction": summary["verification_overhead"]["speculative_seconds"] / ref_wall,
         }

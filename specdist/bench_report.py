@@ -72,6 +72,37 @@ def best_at_target(rows: list[dict], target: float = PSNR_TARGET) -> dict[str, d
     return best
 
 
+def storage_costs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(run with ``cache.storage_dtype``, the same run in the compute dtype) pairs: every knob equal
+    but the storage dtype, the second one absent from its knobs or ``compute``."""
+    def key(row: dict) -> tuple:
+        knobs = {k: v for k, v in row["knobs"].items() if k != "cache.storage_dtype"}
+        return row["method"], json.dumps(knobs, sort_keys=True, default=str)
+
+    base = {key(r): r for r in rows if r["knobs"].get("cache.storage_dtype", "compute") == "compute"}
+    return [(r, base[key(r)]) for r in rows
+            if r["knobs"].get("cache.storage_dtype", "compute") != "compute" and key(r) in base]
+
+
+def _storage_table(rows: list[dict]) -> list[str]:
+    pairs = storage_costs(rows)
+    if not pairs:
+        return []
+    lines = ["Cache storage dtype (the same run with its Taylor factors stored in another dtype; arithmetic in "
+             "the compute dtype). Δ = this run − the compute-dtype run, both against `full`:", "",
+             "| method | knobs | storage | cache KiB (× of compute) | PSNR mean / worst | Δ PSNR mean / worst | "
+             "decisions equal |", "|---|---|---|---|---|---|---|"]
+    for r, b in pairs:
+        knobs = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["knobs"].items() if k != "cache.storage_dtype")
+        ratio = r["cache_bytes"] / b["cache_bytes"] if b.get("cache_bytes") else float("nan")
+        dm, dw = _psnr(r) - _psnr(b), _psnr(r, "worst") - _psnr(b, "worst")
+        same = "yes" if r.get("decisions") == b.get("decisions") else "no"
+        lines.append(f"| {r['method']} | {knobs} | {r['knobs']['cache.storage_dtype']} | "
+                     f"{r['cache_bytes'] / 1024:.0f} ({ratio:.2f}×) | {_fmt_psnr(_psnr(r))} / "
+                     f"{_fmt_psnr(_psnr(r, 'worst'))} | {dm:+.2f} / {dw:+.2f} | {same} |")
+    return lines + [""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown tables (one per model, then a best-at-target summary)."""
     env = results["environment"]
@@ -136,7 +167,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- `{method}` {r['knobs']}: {r['speedup_nfe']:.2f}× fewer full-model FLOPs, "
                          f"{r['speedup_wall']:.2f}× wall-clock, PSNR worst {_fmt_psnr(_psnr(r, 'worst'))} dB "
                          f"(mean {_fmt_psnr(_psnr(r))})")
-        lines += ["", f"![speed–quality {model['model']}](pareto_{model['model']}.png)", ""]
+        lines += ["", *_storage_table(model["rows"])]
+        lines += [f"![speed–quality {model['model']}](pareto_{model['model']}.png)", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -24,10 +24,12 @@ from .engine.config import CACHE_METHODS, PEER_METHODS, CacheConfig, PeerConfig
 from .errors import ConfigError
 from .runtime.config import LATENCY_METHODS, RuntimeConfig, check_latency_cache
 from .errors import check_value as _check
+from .attention import ATTENTION_BACKENDS
+from .memory import OFFLOADS
 
 METHODS = ("full", *CACHE_METHODS, *PEER_METHODS)
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(kw_only=True)
@@ -43,6 +45,24 @@ class OutputConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.fps >= 1, f"{prefix}fps", self.fps, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class VaeConfig:
+    """Decoding with a diffusers pipeline's VAE (see :mod:`specdist.memory`)."""
+
+    tiling: bool | str = "auto"
+    """``vae.enable_tiling()``: decode in overlapping spatial tiles. ``auto``: on when the latents are
+    larger than the VAE's own tile (HunyuanVideo's VAE: 256×256 pixels, so 544p and 720p tile);
+    ``true`` on a model without a VAE (the zoo, a bare transformer) is refused."""
+    slicing: bool | str = "auto"
+    """``vae.enable_slicing()``: decode one sample at a time. ``auto``: on when a large (tiled)
+    output has more than one sample."""
+
+    def validate(self, prefix: str) -> None:
+        for key in ("tiling", "slicing"):
+            value = getattr(self, key)
+            _check(value in (True, False) or value == "auto", f"{prefix}{key}", value, "auto, true or false")
 
 
 @dataclass(kw_only=True)
@@ -84,8 +104,21 @@ class GenerateConfig:
     or ``{eta: 0.5}``-like keys of the class); unknown keys are refused naming the allowed ones."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``."""
-    dtype: str = "float32"
-    """Compute dtype of the transformer."""
+    dtype: str = "auto"
+    """Compute dtype of the model: ``auto`` (``bfloat16`` for diffusers checkpoints on CUDA,
+    ``float32`` for the zoo and on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    attention_backend: str = "auto"
+    """diffusers attention backend of the transformer (:mod:`specdist.attention`): ``auto`` (the
+    best exact one usable here: flash3, flash, xformers, native; masked models such as HunyuanVideo:
+    flash_varlen, native), ``native`` (PyTorch SDPA), ``flash``, ``flash_varlen``, ``flash3``,
+    ``sage``, ``sage_varlen`` (lossy INT8) or ``xformers``. One that is not installed or cannot run
+    this model on this device is refused in one line. Workers set it the same way."""
+    offload: str = "none"
+    """Weights placement for GPUs smaller than the model (CUDA only; see :mod:`specdist.memory`):
+    ``none``; ``model`` (a pipeline's text encoders and VAE on the device only while they run);
+    ``group`` (diffusers' group offloading: every component's weights in CPU memory, streamed in
+    block by block)."""
+    vae: VaeConfig = field(default_factory=VaeConfig)
     reference: bool = True
     """For a caching method, also run ``full`` from the same seeds and report PSNR/SSIM/rel-L2
     against it (doubles the cost; the honest way to read a speedup)."""
@@ -107,8 +140,21 @@ class GenerateConfig:
         for key in ("height", "width", "frames"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"{prefix}{key}", value, "an integer >= 1 or null")
+        _check(self.attention_backend in ATTENTION_BACKENDS, f"{prefix}attention_backend", self.attention_backend,
+               f"one of {list(ATTENTION_BACKENDS)}")
+        _check(self.offload in OFFLOADS, f"{prefix}offload", self.offload, f"one of {list(OFFLOADS)}")
+        self.vae.validate(f"{prefix}vae.")
         self.cache.validate(f"{prefix}cache.")
         self.cache.validate_for(self.method, f"{prefix}cache.")
+        stored = self.cache.storage_dtype != "compute" or self.cache.host_offload
+        key = "cache.storage_dtype" if self.cache.storage_dtype != "compute" else "cache.host_offload"
+        value = getattr(self.cache, key.split(".")[1])
+        if stored and self.method not in CACHE_METHODS:
+            _check(False, f"{prefix}{key}", value, f"the default with method={self.method!r} (it applies to "
+                   f"{', '.join(CACHE_METHODS)}; the peers have peer.taylorseer_factors_dtype)")
+        if stored and self.runtime.distributed and self.runtime.mode == "latency":
+            _check(False, f"{prefix}{key}", value, "the default with runtime.mode=latency (the engine's caches: "
+                   "runtime.backend=none or runtime.mode=throughput)")
         self.peer.validate(f"{prefix}peer.")
         self.output.validate(f"{prefix}output.")
         self.runtime.validate(f"{prefix}runtime.")

@@ -22,6 +22,7 @@ from .env import environment
 from .loading import ModelBundle, load_model, scheduler_record
 from .metrics import compare
 from .metrics.flops import flops_breakdown
+from .memory import configure_vae
 from .metrics.telemetry import GpuTelemetry
 from .methods import run_method
 from .report import StagedOutput, output_sha256, write_json
@@ -86,6 +87,25 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
     return out
 
 
+def memory_report(telemetry: dict[str, Any], caching: dict[str, Any], bundle: ModelBundle) -> dict[str, Any]:
+    """Peak device memory of the job (NVML, device-wide, and ``torch.cuda.max_memory_allocated``, this
+    process's tensors) next to the cache's bytes on the device and in host memory."""
+    gpus = telemetry.get("gpus") or []
+    torch_cuda = telemetry.get("torch_cuda") or {}
+    out = {
+        "device": str(bundle.device),
+        "nvml_peak_used_mib": max((g["memory_used_peak_mib"] or 0 for g in gpus), default=None),
+        "torch_max_memory_allocated_mib": torch_cuda.get("max_memory_allocated_mib"),
+        "cache_bytes": caching.get("cache_bytes"),
+        "cache_device_bytes": caching.get("cache_device_bytes"),
+        "cache_host_bytes": caching.get("cache_host_bytes"),
+    }
+    if bundle.device.type != "cuda":
+        out["note"] = ("no CUDA device: peak device memory is not measured; the cache's 'device' is this "
+                       "machine's memory, so host offload on a CPU saves nothing")
+    return out
+
+
 def reference_quality(references: list, latents: torch.Tensor, pixels: torch.Tensor | None,
                       bundle: ModelBundle) -> dict[str, Any]:
     """Quality of ``latents`` (and decoded ``pixels``) against the full-compute ``references``."""
@@ -101,16 +121,14 @@ def reference_quality(references: list, latents: torch.Tensor, pixels: torch.Ten
 
 def _run_distributed(cfg: GenerateConfig, bundle: ModelBundle, shape: tuple[int, ...], prompts: list[str],
                      labels: list[str], guidance: float, seeds: list[int], progress: bool,
-                     log: Callable[[str], None], calibration: Any = None) -> tuple[list, list, tuple, dict]:
+                     log: Callable[[str], None], cond: Any, calibration: Any = None) -> tuple[list, list, tuple, dict]:
     from .runtime.report import runtime_report
-    from .runtime.run import run_distributed, worker_spec
-    from .runtime.worker import encode_all
+    from .runtime.run import run_distributed
 
     noise = initial_noise(shape, seeds)
-    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=progress, log=log,
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=progress, log=log, cond=cond,
                           calibration=calibration)
     result = SampleResult(latents=run.latents, nfe=sum(run.nfe) / len(run.nfe), wall_s=run.stats.wall_s)
-    cond = encode_all(bundle, worker_spec(cfg, prompts, labels, guidance))
     tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
     references = []
     if cfg.reference and not (cfg.method == "full" and cfg.runtime.mode == "latency"):
@@ -120,19 +138,15 @@ def _run_distributed(cfg: GenerateConfig, bundle: ModelBundle, shape: tuple[int,
 
 
 def _torchrun_worker(cfg: GenerateConfig) -> dict[str, Any]:
-    """A torchrun worker rank: serve jobs until rank 0 is done; writes nothing."""
+    """A torchrun worker rank: serve jobs until rank 0 is done; writes nothing. It loads only the
+    transformer (once, in :func:`run_worker_rank`); the encoded prompts come from rank 0."""
     import torch.distributed as dist
 
     from .runtime.run import worker_spec
     from .runtime.torchrun_backend import run_worker_rank
 
-    bundle = load_model(cfg.model, device="cpu", dtype=cfg.dtype, scheduler=cfg.scheduler,
-                        scheduler_config=cfg.scheduler_config)
-    prompts, labels = job_inputs(cfg, bundle)
-    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else bundle.default_guidance
-    del bundle
     try:
-        jobs = run_worker_rank(cfg, worker_spec(cfg, prompts, labels, guidance))
+        jobs = run_worker_rank(cfg, worker_spec(cfg, [], [], 1.0))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -182,11 +196,17 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
                 log: Callable[[str], None]) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]:
     """Load, sample (single process or distributed), decode and measure: (report, pixels, latents)."""
     rt = cfg.runtime
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
-                        scheduler_config=cfg.scheduler_config)
+                        scheduler_config=cfg.scheduler_config, attention_backend=cfg.attention_backend,
+                        offload=cfg.offload)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else bundle.default_guidance
     shape = bundle.latent_shape(cfg.height, cfg.width, cfg.frames)
     prompts, labels = job_inputs(cfg, bundle)
+    vae = configure_vae(bundle.pipeline, cfg.vae.tiling, cfg.vae.slicing, shape, cfg.num_samples, bundle.name)
+    # the prompts go through the model's encoders once per job; batches and workers use this conditioning
+    cond_all = bundle.encode(prompts or [""] * cfg.num_samples, labels, guidance, cfg.seed)
     seeds = [cfg.seed + i for i in range(cfg.num_samples)]
     bs = cfg.effective_batch_size
     batches = [list(range(i, min(i + bs, cfg.num_samples))) for i in range(0, cfg.num_samples, bs)]
@@ -200,10 +220,9 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
     with GpuTelemetry() as telemetry:
         if rt.distributed:
             results, references, tokens, runtime = _run_distributed(cfg, bundle, shape, prompts, labels, guidance,
-                                                                     seeds, progress, log, calibration)
+                                                                     seeds, progress, log, cond_all, calibration)
         for k, idx in enumerate([] if rt.distributed else batches):
-            cond = bundle.encode([prompts[i] for i in idx] if prompts else [""] * len(idx),
-                                 [labels[i] for i in idx] if labels else [], guidance, cfg.seed)
+            cond = cond_all.select(torch.tensor(idx))
             tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
             noise = initial_noise(shape, [seeds[i] for i in idx])
             run = dict(progress=progress, desc=f"batch {k + 1}/{len(batches)} {cfg.method}")
@@ -258,6 +277,11 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
         **caching,
         **({"runtime": runtime} if runtime else {}),
         "output_sha256": output_sha256(latents),
+        "dtype": bundle.setup["dtype"],
+        "attention": bundle.setup["attention"],
+        "offload": bundle.setup["offload"],
+        "vae": vae,
+        "memory": memory_report(telemetry.summary(), caching, bundle),
         "telemetry": telemetry.summary(),
         "environment": environment(bundle.device),
         "config": config_to_dict(cfg),

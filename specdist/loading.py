@@ -18,14 +18,21 @@ import diffusers
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .attention import apply_attention_backend
+from .errors import CheckpointError, ConfigError, SpecdistError
+from .memory import apply_offload, check_offload, on_device, resolve_dtype
 from .models import ModelAdapter, adapter_for
 from .models.base import Conditioning
 from .models.dit import DiTAdapter
+from .models.hunyuan_video import HunyuanVideoAdapter
+from .sampling import model_device
 from .zoo import ZOO_SPECS, checkpoint_path
 from .zoo.text_encoder import PromptEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOW_MEM = diffusers.utils.is_accelerate_available()
+"""diffusers loads weights without first initialising them randomly only with accelerate (the gpu
+extra): minutes saved on a 12.8B checkpoint; without it every load initialises, then overwrites."""
 DEFAULT_VIDEO_PROMPTS = [
     "red square moving right",
     "blue circle moving down",
@@ -56,10 +63,20 @@ class ModelBundle:
     default_guidance: float = 1.0
     default_size: tuple[int, int, int] = (32, 32, 1)  # height, width, frames (latent units)
     meta: dict[str, Any] = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)  # what load_model chose (dtype, attention, offload, ...)
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        """Where the transformer computes (under group offloading: its onload device)."""
+        return model_device(self.transformer)
+
+    @property
+    def offload_model(self) -> bool:
+        """``offload: model``: text encoders and VAE go to the device only while they run."""
+        return self.setup.get("offload", {}).get("offload") == "model"
+
+    def _side(self, *names: str) -> list[nn.Module]:
+        return [m for n in names for m in [getattr(self.pipeline, n, None)] if isinstance(m, nn.Module)]
 
     @property
     def conditions_on(self) -> str:
@@ -123,7 +140,9 @@ class ModelBundle:
                 uncond = self.text_encoder([""] * len(prompts)) if guidance_scale > 1.0 else None
             return self.adapter.prompt_conditioning(cond, uncond, guidance_scale)
         if self.pipeline is not None:
-            return self.adapter.pipeline_conditioning(self.pipeline, prompts, [], guidance_scale, device)
+            encoders = self._side(*[n for n in (self.pipeline.components or {}) if n.startswith("text_encoder")])
+            with on_device(encoders, device, self.offload_model):
+                return self.adapter.pipeline_conditioning(self.pipeline, prompts, [], guidance_scale, device)
         gen = torch.Generator().manual_seed(seed)
         return self.adapter.random_conditioning(self.transformer, len(prompts), gen, guidance_scale)
 
@@ -133,7 +152,7 @@ class ModelBundle:
         if self.source == "zoo":
             return latents.clamp(-1, 1)
         if self.pipeline is not None:
-            with torch.inference_mode():
+            with torch.inference_mode(), on_device(self._side("vae"), self.device, self.offload_model):
                 return self.adapter.pipeline_decode(self.pipeline, latents.to(self.device)).float().cpu().clamp(-1, 1)
         return None
 
@@ -190,7 +209,7 @@ def _load_transformer(cls: type, path: Path, dtype: torch.dtype) -> nn.Module:
 
     keep = cls._keep_in_fp32_modules
     if not keep:
-        return cls.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False)
+        return cls.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=_LOW_MEM)
     if is_accelerate_available():
         return cls.from_pretrained(path, torch_dtype=dtype)
     from safetensors.torch import load_file
@@ -203,17 +222,17 @@ def _load_transformer(cls: type, path: Path, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype, text: bool = True) -> ModelBundle:
     meta = json.loads((path / "specdist_model.json").read_text())
     spec = ZOO_SPECS.get(meta.get("name", name))
     if spec is None:
         raise CheckpointError(f"{path}: specdist_model.json names unknown zoo model {meta.get('name')!r}")
     cls = getattr(diffusers, spec.transformer_class)
-    transformer = _load_transformer(cls, path / "transformer", dtype).to(device).eval()
+    transformer = _load_transformer(cls, path / "transformer", dtype).eval()
     scheduler = getattr(diffusers, spec.scheduler_class).from_pretrained(path / "scheduler")
     text_encoder = None
-    if (path / "text_encoder").is_dir():
-        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
+    if text and (path / "text_encoder").is_dir():
+        text_encoder = PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch.float32, low_cpu_mem_usage=_LOW_MEM).to(device).eval()
     c, *rest = spec.sample_shape
     frames = rest[0] if len(rest) == 3 else 1
     return ModelBundle(
@@ -223,8 +242,27 @@ def _zoo_bundle(name: str, path: Path, device: torch.device, dtype: torch.dtype)
     )
 
 
+def _pipeline_transformer_bundle(path: Path, dtype: torch.dtype) -> ModelBundle:
+    """Only the transformer and the scheduler of a pipeline directory (what a worker computes with)."""
+    index = json.loads((path / "model_index.json").read_text())
+    entry, sched = index.get("transformer"), index.get("scheduler")
+    if not entry or not sched or not (path / "transformer").is_dir():
+        raise CheckpointError(f"{path}: the pipeline has no 'transformer' component (specdist accelerates "
+                              f"diffusion transformers)")
+    try:
+        adapter = adapter_for(entry[1])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}/model_index.json: {exc}") from None
+    transformer = getattr(diffusers, entry[1]).from_pretrained(path / "transformer", torch_dtype=dtype,
+                                                               low_cpu_mem_usage=_LOW_MEM).eval()
+    scheduler = _scheduler_class(sched[1]).from_pretrained(path / "scheduler")
+    size = getattr(transformer.config, "sample_size", 32) or 32
+    return ModelBundle(name=str(path), source="pipeline", path=path, transformer=transformer, adapter=adapter,
+                       scheduler=scheduler, default_size=(size, size, 1))
+
+
 def _pipeline_bundle(path: Path, device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False).to(device)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=_LOW_MEM)
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise CheckpointError(f"{path}: the pipeline has no 'transformer' component (specdist accelerates diffusion transformers)")
@@ -264,7 +302,7 @@ def _transformer_bundle(path: Path, scheduler_name: str | None, device: torch.de
         )
     else:
         scheduler = _scheduler_class(scheduler_name)()
-    transformer = _load_transformer(getattr(diffusers, cls_name), path, dtype).to(device).eval()
+    transformer = _load_transformer(getattr(diffusers, cls_name), path, dtype).eval()
     size = getattr(transformer.config, "sample_size", 32) or 32
     return ModelBundle(
         name=str(path), source="transformer", path=path, transformer=transformer, adapter=adapter,
@@ -281,14 +319,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(model: str, *, device: str = "auto", dtype: str = "float32", scheduler: str | None = None,
-               scheduler_config: dict[str, Any] | None = None) -> ModelBundle:
-    """Load ``model`` (zoo name or local path) onto ``device`` in ``dtype``.
+def load_model(model: str, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = None,
+               scheduler_config: dict[str, Any] | None = None, attention_backend: str = "auto",
+               offload: str = "none", components: str = "all") -> ModelBundle:
+    """Load ``model`` (zoo name or local path) onto ``device`` in ``dtype`` (``auto``: see
+    :func:`specdist.memory.resolve_dtype`).
 
     ``scheduler`` (a diffusers class name) and ``scheduler_config`` (config keys) change the
     checkpoint's sampler, see :func:`configure_scheduler`; a bare transformer directory without a
-    saved scheduler config needs ``scheduler``."""
-    dev, dt = resolve_device(device), DTYPES[dtype]
+    saved scheduler config needs ``scheduler``. ``attention_backend`` is set on the transformer
+    (:func:`specdist.attention.apply_attention_backend`), ``offload`` places the weights
+    (:mod:`specdist.memory`). ``components="transformer"`` loads only the transformer and the
+    scheduler (a worker: prompts are encoded once per job by the driver, and nothing is decoded).
+    What was chosen is in ``bundle.setup`` (``dtype``, ``attention``, ``offload``, ``components``)."""
+    if components not in ("all", "transformer"):
+        raise ValueError(f"components must be 'all' or 'transformer', got {components!r}")
+    dev = resolve_device(device)
     expected = EXPECTED.format(zoo=", ".join(ZOO_SPECS))
     if model in ZOO_SPECS:
         path = checkpoint_path(model)
@@ -309,16 +355,26 @@ def load_model(model: str, *, device: str = "auto", dtype: str = "float32", sche
             kind = "transformer"
         else:
             raise CheckpointError(f"not a model directory: {path} (expected {expected})")
+    dtype = resolve_dtype(dtype, kind, dev)
+    check_offload(offload, dev, kind)
+    dt = DTYPES[dtype]
     try:
         if kind == "zoo":
-            bundle = _zoo_bundle(model, path, dev, dt)
+            bundle = _zoo_bundle(model, path, dev, dt, text=components == "all")
+        elif kind == "pipeline" and components == "transformer":
+            bundle = _pipeline_transformer_bundle(path, dt)
         elif kind == "pipeline":
             bundle = _pipeline_bundle(path, dev, dt)
         else:
             bundle = _transformer_bundle(path, scheduler, dev, dt)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except SpecdistError:
+        raise
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"could not load {kind} checkpoint at {path}: {first}") from None
+    bundle.setup = {"dtype": dtype, "components": components,
+                    "offload": apply_offload(offload, bundle.transformer, bundle.pipeline, dev)}
+    bundle.setup["attention"] = apply_attention_backend(bundle.transformer, bundle.adapter, attention_backend)
     bundle.scheduler = configure_scheduler(bundle.scheduler, scheduler, scheduler_config)
     if bundle.pipeline is not None:
         bundle.pipeline.scheduler = bundle.scheduler

@@ -73,6 +73,13 @@ def scale_input(scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor) -
     return latents if scale is None else scale(latents, timestep)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device ``model`` computes on: diffusers' ``ModelMixin.device`` (under group offloading, where
+    the weights wait in CPU memory between uses, that is the onload device), else its parameters'."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype of ``model``'s parameters."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -105,7 +112,7 @@ def sample_full(
         step_context: each step's model call runs inside ``step_context(step_index, timestep)``
             (e.g. diffusers' ``cache_context`` for its cache hooks); default: nothing.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     dtype = model_dtype(model)
     sched = fresh_scheduler(scheduler)
     adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)

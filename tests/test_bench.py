@@ -38,13 +38,16 @@ def test_bad_sweeps_fail_clearly():
 def test_bench_writes_tables_and_plots(tmp_path):
     cfg = config_from_dict({
         "models": ["dit-shapes"], "steps": 6, "num_samples": 2, "out": str(tmp_path),
-        "sweep": {"speca": {"cache.tau0": [0.0, 1e9]}, "fora": {"cache.interval": [2]},
+        "sweep": {"speca": {"cache.tau0": [0.0, 1e9]},
+                  "fora": {"cache.interval": [2], "cache.storage_dtype": ["compute", "float8_e4m3fn"]},
                   "diffusers-fbcache": {"peer.fbcache_threshold": [0.0]}},
     }, BenchConfig)
     results = run_bench(cfg, progress=False, log=lambda m: None)
     rows = results["models"][0]["rows"]
-    assert [r["method"] for r in rows] == ["full", "speca", "speca", "fora", "diffusers-fbcache"]
-    full, exact, loose, fora, fb = rows
+    assert [r["method"] for r in rows] == ["full", "speca", "speca", "fora", "fora", "diffusers-fbcache"]
+    full, exact, loose, fora, fora8, fb = rows
+    assert fora8["cache_bytes"] < fora["cache_bytes"] / 3 and fora8["decisions"] == fora["decisions"]
+    assert fora8["psnr_db"]["mean"] != fora["psnr_db"]["mean"]  # stored in fp8: the forecast changed
     assert full["psnr_db"]["mean"] == "inf" and full["speedup_nfe"] == 1.0
     assert exact["psnr_db"]["mean"] == "inf" and exact["rejected"] == 3  # tau 0: every check rejects
     assert loose["nfe"] == 3 and loose["accepted"] == 3 and loose["speedup_nfe"] > 1.5
@@ -54,4 +57,5 @@ def test_bench_writes_tables_and_plots(tmp_path):
     md = (tmp_path / "speed_quality.md").read_text()
     assert "| speca | tau0=1000000000.0 |" in md
     assert "CPU cores" in md and "Fastest run of each method" in md
+    assert "| fora | interval=2 | float8_e4m3fn |" in md and "Cache storage dtype" in md
     assert (tmp_path / "pareto_dit-shapes.png").stat().st_size > 0

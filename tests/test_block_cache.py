@@ -186,10 +186,10 @@ def test_min_run_accepts_without_running_the_probe():
     assert {r["decisions"] for r in strict.stats.per_sample()} == {"FFFAARAA"}
 
 
-def test_default_budget_fits_block_level_hunyuan_video_720p():
-    """The documented sizing: HunyuanVideo (12.8B, built on the meta device — no memory, no weights)
-    at 720×1280×129f in bf16 without CFG. Sizes per row are what a measuring call records: one
-    hidden state of 118,800 video + 256 text tokens × 3072 is 731.5 MB."""
+def _hunyuan_video_720p_sizes():
+    """HunyuanVideo (12.8B, built on the meta device — no memory, no weights) at 720×1280×129f in bf16
+    without CFG: its block-level hooks and the bytes per row a measuring call records (one hidden
+    state of 118,800 video + 256 text tokens × 3072 is 731.5 MB)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     from specdist.models import adapter_for
@@ -200,22 +200,73 @@ def test_default_budget_fits_block_level_hunyuan_video_720p():
                                                num_refiner_layers=2, patch_size=2, patch_size_t=1,
                                                text_embed_dim=4096, pooled_projection_dim=768,
                                                rope_axes_dim=(16, 56, 56))
-    adapter = adapter_for(model)
-    hooks = SpeculationHooks(model, adapter, granularity="block")
+    hooks = SpeculationHooks(model, adapter_for(model), granularity="block")
+    video, text, width, bf16 = 33 * 45 * 80, 256, 3072, 2
+    hidden, context = video * width * bf16, text * width * bf16
+    sizes = {}
+    for k in range(60):
+        sizes[f"input.{k}"] = hidden + context
+        for name in hooks.branches[k]:
+            sizes[f"branch.{k}.{name}"] = {"attn": hidden + context, "ff": hidden, "ff_context": context,
+                                           "proj_out": hidden + context}[name]
+    return hooks, sizes
+
+
+def test_default_budget_fits_block_level_hunyuan_video_720p():
+    """The documented sizing (see :func:`_hunyuan_video_720p_sizes`)."""
+    hooks, sizes = _hunyuan_video_720p_sizes()
     try:
-        video, text, width, bf16 = 33 * 45 * 80, 256, 3072, 2
-        hidden, context = video * width * bf16, text * width * bf16
-        sizes = {}
-        for k in range(60):
-            sizes[f"input.{k}"] = hidden + context
-            for name in hooks.branches[k]:
-                sizes[f"branch.{k}.{name}"] = {"attn": hidden + context, "ff": hidden, "ff_context": context,
-                                               "proj_out": hidden + context}[name]
         cap = CacheConfig().max_cache_bytes
         order, start = fit_region(1, lambda st: hooks.region_bytes(sizes, st), 59, cap)
         assert (order, 60 - start) == (1, 10)  # order 1 on the last 10 single-stream blocks
         assert 2 * hooks.region_bytes(sizes, start) <= cap < 2 * hooks.region_bytes(sizes, start - 1)
         assert fit_region(1, lambda st: hooks.region_bytes(sizes, st), 59, 0) == (1, 0)  # no cap: all 60 blocks
         assert 2 * hooks.region_bytes(sizes, 0) > 100 * 2**30  # which no 80 GB GPU holds
+    finally:
+        hooks.remove()
+
+
+# Peak of a full 720×1280×129f step of the bf16 transformer on one H100 (DESIGN §1, measured there).
+H100_PEAK_720P = 36.3 * 2**30
+
+
+@pytest.mark.parametrize("storage_dtype, host, blocks, stored_gb, device_gb", [
+    ("compute", False, 10, 16.1, 16.1),  # bf16 on the device: 16 GiB holds 10 single blocks (+ entry stream)
+    ("bfloat16", False, 10, 16.1, 16.1),  # the model's own dtype: the same
+    ("float8_e4m3fn", False, 22, 16.8, 16.8),  # half the bytes: 22 single blocks
+    ("compute", True, 60, 117.0, 4.4),  # host offload: every block, 117 GB pinned, 2 branches on the device
+    ("bfloat16", True, 60, 117.0, 4.4),
+    ("float8_e4m3fn", True, 60, 58.5, 2.9),  # fp8 + host offload: every block in 58.5 GB of host memory
+])
+def test_storage_dtype_and_host_offload_fit_every_block_of_hunyuan_video_720p(storage_dtype, host, blocks,
+                                                                                stored_gb, device_gb):
+    """Every block's branches are 20 x 1,463 MB (dual: attn, ff, ff_context) + 40 x 731.5 MB (single:
+    proj_out) = 58.5 GB in bf16; cached at order 1 (2 factors) that is 117 GB, more than an 80 GB GPU
+    even before the model's 36.3 GiB (39.0 GB) peak. On the device the 16 GiB default holds the last
+    10 blocks (11 x 731.5 MB x 2 = 16.1 GB, with the entry stream); fp8 storage halves the bytes, so
+    22 blocks fit (16.8 GB) — and every block in fp8 would still need 39.0 + 58.5 = 97.5 GB. With host
+    offload every block is cached in pinned host memory (117 GB bf16 / 58.5 GB fp8, under the
+    default 192 GiB host cap) and the device holds only the working set, the entry in use as stored
+    and in bf16 plus the prefetched next entry: 2 x (2 x 731.5 + 731.5) MB = 4.4 GB (bf16) or
+    2 x (2 x 365.7 + 731.5) MB = 2.9 GB (fp8), so a step peaks near 39.0 + 4.4 = 43.4 GB. The host
+    needs the cache in page-locked memory, at most 80% of its RAM: 109 GiB of bf16 factors need a
+    host with >= 137 GiB, 54.5 GiB of fp8 >= 68 GiB. Arithmetic only: not measured on a GPU."""
+    from specdist.engine.cache_memory import plan_block_cache
+    from specdist.engine.forecast import CacheStorage
+
+    hooks, sizes = _hunyuan_video_720p_sizes()
+    try:
+        cfg = CacheConfig(granularity="block", storage_dtype=storage_dtype, host_offload=host)
+        plan = plan_block_cache(hooks, sizes, 1, 2, 1, 59, CacheStorage.named(cfg.storage_dtype, cfg.host_offload),
+                                cfg.max_cache_bytes, cfg.max_host_bytes)
+        assert plan.order == 1 and plan.cached_blocks == blocks
+        assert plan.stored_bytes / 1e9 == pytest.approx(stored_gb, abs=0.05)
+        assert plan.device_bytes / 1e9 == pytest.approx(device_gb, abs=0.05)
+        assert plan.host_bytes == (plan.stored_bytes if host else 0)
+        fits_80gb = H100_PEAK_720P + plan.device_bytes <= 80e9
+        assert fits_80gb  # what the default budgets allow always fits next to the model
+        every_block = 2 * CacheStorage.named(storage_dtype).stored_bytes(hooks.region_bytes(sizes, 0), 2)
+        device_with_every_block = H100_PEAK_720P + (plan.device_bytes if host else every_block)
+        assert (device_with_every_block <= 80e9) == host  # every block fits one 80 GB GPU only with host offload
     finally:
         hooks.remove()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 from diffusers import (AutoencoderKL, AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel)
+                       FluxTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
+                       UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
 
 SEEDS = [3, 7]
 
@@ -57,5 +58,17 @@ def hunyuan_video_pipe(num_layers: int = 1, num_single_layers: int = 1) -> Hunyu
     pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=model, vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
                                 tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_pipe() -> WanPipeline:
+    """Wan 2.1 (true CFG), 4 latent channels, no VAE (latent output only)."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=2,
+                                  rope_max_seq_len=32).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=model)
     pipe.set_progress_bar_config(disable=True)
     return pipe

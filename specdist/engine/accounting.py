@@ -52,6 +52,8 @@ def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block
             "speculative_seconds": stats.spec_seconds,
         },
         "cache_bytes": stats.cache_bytes,
+        "cache_device_bytes": stats.cache_bytes - stats.extra.get("cache_host_bytes", 0),
+        "cache_host_bytes": stats.extra.get("cache_host_bytes", 0),
         "cache_order": stats.effective_order,
         **({"cached_blocks": stats.extra["cached_blocks"]} if "cached_blocks" in stats.extra else {}),
         **({"rule": stats.rule} if stats.rule else {}),

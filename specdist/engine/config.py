@@ -30,6 +30,8 @@ METRICS = ("rel_l1", "rel_l2", "cosine")
 CALIBRATION_MODES = ("auto", "refresh")
 DEFAULT_TARGET_PSNR_DB = 35.0
 """speca's quality target when neither ``cache.target_psnr_db`` nor ``cache.tau0`` is set."""
+STORAGE_DTYPE_NAMES = ("compute", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+"""``cache.storage_dtype`` values (the same names as :data:`specdist.engine.forecast.STORAGE_DTYPES`)."""
 
 
 @dataclass(kw_only=True)
@@ -95,7 +97,27 @@ class CacheConfig:
     blocks are left uncached until the rest fits at the configured order, then the order is lowered.
     The default, 16 GiB, sits next to HunyuanVideo's 36 GiB peak at 720×1280×129f on one 80 GB GPU
     (one hidden state: 730 MB in bf16): ``probe`` order 1 with guidance takes ≈ 6 GB; ``block``
-    order 1 without CFG keeps the last 10 single-stream blocks' branches (+ one entry stream)."""
+    order 1 without CFG keeps the last 10 single-stream blocks' branches (+ one entry stream).
+    Counted in ``storage_dtype`` bytes; with ``host_offload`` it bounds the cache's working set on
+    the device (two entries) and ``max_host_bytes`` bounds the cache itself."""
+    storage_dtype: str = "compute"
+    """fora, taylorseer, speca: dtype the Taylor factors are *stored* in: ``compute`` (the features'
+    own dtype, i.e. the model's), ``float32``, ``bfloat16``, ``float16`` (may overflow on large
+    activations; an overflowing forecast is rejected as non-finite) or fp8 ``float8_e4m3fn`` /
+    ``float8_e5m2`` (one float32 scale per token, i.e. per row and position of the last dimension). The forecast arithmetic always runs in
+    the compute dtype; only what is kept between steps is converted. Halving the bytes lets twice the
+    blocks fit in ``max_cache_bytes``. Applies to the single-device engine (``runtime.backend:
+    none`` and ``runtime.mode: throughput``)."""
+    host_offload: bool = False
+    """``granularity: block`` only: keep the cached branches in host memory (pinned when the model
+    runs on CUDA) instead of on the device; each block's factors are copied in when the block reads
+    them, and the next block's copy starts while the current one runs (a side CUDA stream). The
+    device then holds about two blocks' factors; ``max_host_bytes`` caps the rest. On a CPU run the
+    host *is* the device: the same code path runs, nothing is saved, and the report says so."""
+    max_host_bytes: int = 192 * 2**30
+    """``host_offload``: cap on the host memory the cached branches take (0 = no cap), sized like
+    ``max_cache_bytes`` (uncached prefix first, then the order). The default, 192 GiB, holds every
+    block of HunyuanVideo 720×1280×129f at order 1 in bf16 (117 GB) or fp8 (59 GB)."""
 
     @property
     def uses_target(self) -> bool:
@@ -148,6 +170,12 @@ class CacheConfig:
         _check(self.max_run >= max(1, self.min_run), f"{prefix}max_run", self.max_run,
                f"an integer >= max(1, min_run={self.min_run})")
         _check(self.max_cache_bytes >= 0, f"{prefix}max_cache_bytes", self.max_cache_bytes, "an integer >= 0")
+        _check(self.storage_dtype in STORAGE_DTYPE_NAMES, f"{prefix}storage_dtype", self.storage_dtype,
+               f"one of {list(STORAGE_DTYPE_NAMES)}")
+        _check(not self.host_offload or self.granularity == "block", f"{prefix}host_offload", self.host_offload,
+               f"false with cache.granularity={self.granularity!r} (host offload streams block-level branches; "
+               f"use cache.granularity=block)")
+        _check(self.max_host_bytes >= 0, f"{prefix}max_host_bytes", self.max_host_bytes, "an integer >= 0")
 
 
 def _compiles(pattern: str) -> bool:

@@ -38,6 +38,7 @@ Features are tuples of tensors, each ``[rows, ...]``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +59,10 @@ class CallPlan:
     mode: str = "off"  # "off" | "measure" | "record" | "speculate"
     verify: bool = True
     start: int = 0  # block level: first block whose branches are cached
-    forecast: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    recorded: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    forecast: Mapping[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    recorded: MutableMapping[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # measure: bytes per row of each feature
+    itemsize: int = 4  # measure: bytes per element of the measured features (their compute dtype)
 
 
 def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
@@ -152,6 +154,7 @@ class _BranchHook(ModelHook):
         self.is_tuple = isinstance(output, tuple)
         if plan.mode == "measure":
             plan.sizes[self.key] = _row_bytes(_tensors(output))
+            plan.itemsize = _tensors(output)[0].element_size()
         else:
             plan.recorded[self.key] = _tensors(output)
         return output
@@ -269,9 +272,17 @@ class SpeculationHooks:
             plan = self._plans.plan = CallPlan()
         return plan
 
-    def plan(self, mode: str, verify: bool = True, forecast: dict | None = None, start: int = 0) -> CallPlan:
-        """Set what this thread's next model call does; returns the plan the hooks will fill."""
-        self._plans.plan = CallPlan(mode=mode, verify=verify, start=start, forecast=forecast or {})
+    def plan(self, mode: str, verify: bool = True, forecast: Mapping | None = None, start: int = 0,
+             recorded: MutableMapping | None = None) -> CallPlan:
+        """Set what this thread's next model call does; returns the plan the hooks will fill.
+
+        ``forecast`` and ``recorded`` may be any mappings: the block level passes a lazy
+        :class:`~specdist.engine.forecast.ForecastView` (each block's branches forecast when that
+        block reads them) and a :class:`~specdist.engine.forecast.RecordSink` (each recorded branch
+        goes into the cache at once), so a call never holds every block's features at the same time."""
+        self._plans.plan = CallPlan(mode=mode, verify=verify, start=start,
+                                    forecast={} if forecast is None else forecast,
+                                    recorded={} if recorded is None else recorded)
         return self._plans.plan
 
     def remove(self) -> None:

@@ -55,7 +55,8 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from ..errors import SpecdistError
+from ..attention import apply_attention_backend
+from ..errors import ConfigError, SpecdistError
 from ..models import adapter_for
 from ..models.base import ModelAdapter
 from .config import CACHE_METHODS, CacheConfig
@@ -207,7 +208,7 @@ def _hook(pipe: Any) -> _PipelineHook | None:
 
 
 def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
-           calibration: Calibration | None = None) -> None:
+           calibration: Calibration | None = None, attention_backend: str | None = None) -> dict[str, Any] | None:
     """Make ``pipe`` (a diffusers pipeline with a transformer in :data:`SUPPORTED`) speculate.
 
     Args:
@@ -217,11 +218,18 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
         calibration: ``speca`` with a quality target (the default): the transformer's calibration
             for the pipeline's step count and size (:func:`specdist.calibrate.calibrate_pipeline`);
             not needed with ``cache.tau0`` (a threshold schedule).
+        attention_backend: set on ``pipe.transformer`` the way ``specdist generate`` sets it
+            (:func:`specdist.attention.apply_attention_backend`: ``auto``, ``native``, ``flash``, …);
+            ``None`` leaves the transformer's backend as it is.
+
+    Returns:
+        What :func:`~specdist.attention.apply_attention_backend` set, or ``None``.
 
     Raises:
-        SpecdistError: unsupported transformer or method, invalid ``cache``, a diffusers cache
-            already enabled, or specdist already enabled on ``pipe`` (not idempotent: a second
-            call with other settings would silently be ignored; :func:`disable` first).
+        SpecdistError: unsupported transformer or method, invalid ``cache``, an attention backend
+            that cannot run here, a diffusers cache already enabled, or specdist already enabled on
+            ``pipe`` (not idempotent: a second call with other settings would silently be ignored;
+            :func:`disable` first).
     """
     model = getattr(pipe, "transformer", None)
     name = type(model).__name__
@@ -238,6 +246,12 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
         raise SpecdistError("specdist.enable: a diffusers cache is enabled on pipe.transformer "
                             "(call pipe.transformer.disable_cache() first)")
     adapter = adapter_for(model)
+    attention = None
+    if attention_backend is not None:
+        try:
+            attention = apply_attention_backend(model, adapter, attention_backend)
+        except ConfigError as err:
+            raise SpecdistError(f"specdist.enable: {err}") from None
     try:
         blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
     except (ValueError, NotImplementedError) as err:
@@ -249,6 +263,7 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(_PipelineHook(pipe, adapter, blocks, method, cfg, calibration), HOOK_NAME)
     registry.invalidate_child_registries_cache()
+    return attention
 
 
 def disable(pipe: Any) -> None:

@@ -33,10 +33,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.base import Conditioning, ModelAdapter
-from ..sampling import SampleResult, fresh_scheduler, init_latents, model_dtype, scale_input
+from ..sampling import SampleResult, fresh_scheduler, init_latents, model_device, model_dtype, scale_input
 from .calibration import Calibration
 from .config import CacheConfig
-from .forecast import TaylorCache
+from .cache_memory import plan_block_cache, storage_for
+from .forecast import CacheStorage, RecordSink, TaylorCache
 from .hooks import SpeculationHooks
 from .decision import Rule, forecaster_time, make_rule
 from .verify import combine_rows, forecast_error, threshold
@@ -72,7 +73,7 @@ class CacheStats:
             full_calls=sum(p.full_calls for p in parts),
             spec_seconds=sum(p.spec_seconds for p in parts),
             probed=[n for p in parts for n in p.probed],
-            extra={k: min(p.extra[k] for p in parts) for k in parts[0].extra},
+            extra={k: (max if k.endswith("_bytes") else min)(p.extra[k] for p in parts) for k in parts[0].extra},
             rule={k: ([x for p in parts for x in p.rule[k]] if isinstance(v, list) else v)
                   for k, v in parts[0].rule.items()},
         )
@@ -157,6 +158,7 @@ class SpeculativeStepper:
         self.verify = rule.verify
         self.samples, self.branches = samples, branches
         self.cache_cls = cache_cls
+        self.storage = CacheStorage.named(cfg.storage_dtype, cfg.host_offload)
         self.cache: TaylorCache | None = None  # probe features: rows = samples x branches
         self.out_cache: TaylorCache | None = None  # lite: the (guided) call output, rows = samples
         self.layout: list[tuple[str, int]] = []
@@ -186,6 +188,8 @@ class SpeculativeStepper:
         return torch.cat([samples + k * self.samples for k in range(self.branches)])
 
     def _forecast(self, spec: torch.Tensor, time: float) -> dict[str, tuple[torch.Tensor, ...]]:
+        if self.block_level:  # each block's branches forecast when the block reads them (forecast.py)
+            return self.cache.view(self.rows_of(spec), time, self.layout)
         forecast: dict[str, tuple[torch.Tensor, ...]] = {}
         if self.uses_probe:
             flat, k = self.cache.forecast(self.rows_of(spec), time), 0
@@ -197,33 +201,47 @@ class SpeculativeStepper:
             forecast["output"] = self.out_cache.forecast(spec, time)
         return forecast
 
-    def _size_region(self, sizes: dict[str, int]) -> None:
+    def _size_region(self, sizes: dict[str, int], itemsize: int = 4) -> None:
         """Block level, after the measuring call: choose the order and the cached region."""
         rows = self.samples * self.branches
-        order, self.start = fit_region(self.stats.effective_order, lambda st: rows * self.hooks.region_bytes(sizes, st),
-                                       self.hooks.probe if self.verify else self.hooks.last, self.cfg.max_cache_bytes)
+        plan = plan_block_cache(self.hooks, sizes, rows, itemsize, self.stats.effective_order,
+                                self.hooks.probe if self.verify else self.hooks.last, self.storage,
+                                self.cfg.max_cache_bytes, self.cfg.max_host_bytes)
+        order, self.start = plan.order, plan.start
         self.stats.effective_order = order
+        self.cache = self.cache_cls(order, rows, storage=storage_for(plan, self.storage, self.cfg.max_host_bytes))
         self.stats.extra["cached_blocks"] = self.hooks.last + 1 - self.start
         self.sized = True
 
     def _record(self, redo: torch.Tensor, time: float, recorded: dict, output: torch.Tensor) -> None:
+        if isinstance(recorded, RecordSink):  # block level: the features went into the cache during the call
+            self.layout = recorded.finish()
+            self._count_bytes()
+            return
         names = self.hooks.feature_names(self.start) if self.uses_probe else ()
         feats = [recorded[name] for name in names]
         flat = tuple(s for f in feats for s in f)
         if self.cache is None and self.out_cache is None:  # first recorded step: size and create
             self.layout = [(name, len(f)) for name, f in zip(names, feats)]
             per_order = sum(s[0].numel() * s.element_size() for s in flat) * self.samples * self.branches
+            per_order = self.storage.stored_bytes(per_order, flat[0].element_size()) if flat else per_order
             if self.lite:
-                per_order += output[0].numel() * output.element_size() * self.samples
+                per_order += self.storage.stored_bytes(output[0].numel() * output.element_size() * self.samples,
+                                                       output.element_size())
             order = _fit_order(self.stats.effective_order, per_order, self.cfg.max_cache_bytes)
             self.stats.effective_order = order
-            self.cache = self.cache_cls(order, self.samples * self.branches) if self.uses_probe else None
-            self.out_cache = self.cache_cls(order, self.samples) if self.lite else None
+            self.cache = self.cache_cls(order, self.samples * self.branches, storage=self.storage) if self.uses_probe else None
+            self.out_cache = self.cache_cls(order, self.samples, storage=self.storage) if self.lite else None
         if self.cache is not None:
             self.cache.update(self.rows_of(redo), flat, time)
         if self.out_cache is not None:
             self.out_cache.update(redo, (output,), time)
-        self.stats.cache_bytes = sum(c.nbytes() for c in (self.cache, self.out_cache) if c is not None)
+        self._count_bytes()
+
+    def _count_bytes(self) -> None:
+        caches = [c for c in (self.cache, self.out_cache) if c is not None]
+        self.stats.cache_bytes = sum(c.nbytes() for c in caches)
+        self.stats.extra["cache_host_bytes"] = sum(c.host_bytes() for c in caches)
 
     def _ready(self) -> torch.Tensor:
         cache = self.cache if self.cache is not None else self.out_cache
@@ -316,11 +334,14 @@ class SpeculativeStepper:
                      record: bool = True) -> torch.Tensor:
         """A full model call for ``samples``; with ``record`` its features refresh their cache."""
         mode = ("record" if self.sized else "measure") if (record and self.uses_probe) else "off"
-        plan = self.hooks.plan(mode, start=self.start)
+        # block level: each recorded branch goes into the cache as it is produced (a RecordSink)
+        sink = self.cache.sink(self.rows_of(samples), time, self.layout) if (
+            mode == "record" and self.block_level and self.sized and self.cache is not None) else None
+        plan = self.hooks.plan(mode, start=self.start, recorded=sink)
         o = call(samples)
         self.stats.full_calls += 1
         if mode == "measure":
-            self._size_region(plan.sizes)
+            self._size_region(plan.sizes, plan.itemsize)
         elif mode == "record":
             self._record(samples, time, plan.recorded, o)
         elif record:  # unverified lite: only the output is cached
@@ -353,7 +374,7 @@ def sample_cached(
     the decisions by that threshold schedule (ablations, tests); ``cache_cls`` is the forecaster
     class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step.
     """
-    device, dtype = next(model.parameters()).device, model_dtype(model)
+    device, dtype = model_device(model), model_dtype(model)
     sched = fresh_scheduler(scheduler)
     adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
     timesteps = list(sched.timesteps)

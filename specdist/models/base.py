@@ -122,6 +122,9 @@ class ModelAdapter(ABC):
     family: ClassVar[str]
     model_class: ClassVar[str]  # diffusers class name
     is_video: ClassVar[bool] = False
+    attention_mask: ClassVar[bool] = False
+    """Whether the model passes an attention mask to every attention call (then backends that take
+    no mask, or expand it densely, cannot run it; see :mod:`specdist.attention`)."""
     call_timestep_scale: ClassVar[float] = 1.0
     """``scheduler.timesteps`` value = the transformer call's ``timestep`` × this (FLUX pipelines
     pass ``t / 1000``; most others pass ``t``)."""

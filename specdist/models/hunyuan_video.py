@@ -28,6 +28,7 @@ class HunyuanVideoAdapter(DualStreamAdapter):
     family = "hunyuan_video"
     model_class = "HunyuanVideoTransformer3DModel"
     is_video = True
+    attention_mask = True  # a key padding mask over [video, text] tokens in every block's attention
 
     def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
         # Every block (dual and single stream) takes and returns (hidden_states, encoder_hidden_states).

@@ -79,3 +79,5 @@ class WorkerSpec:
     emulate_step_s: float = 0.0
     emulate_draft_s: float = 0.0
     calibration: dict[str, Any] | None = None  # speca's quality-target calibration (Calibration.to_json)
+    attention_backend: str = "auto"
+    offload: str = "none"

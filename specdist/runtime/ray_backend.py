@@ -36,11 +36,11 @@ from .pool import PoolStats, WorkerFailure, WorkerPool, tensor_bytes
 class RayWorker:
     """A reference worker actor (wraps a :class:`~specdist.runtime.worker.StepWorker`)."""
 
-    def __init__(self, spec: WorkerSpec, index: int) -> None:
+    def __init__(self, spec: WorkerSpec, index: int, cond: Any = None) -> None:
         from .worker import StepWorker
 
         self.index = index
-        self.worker = StepWorker.from_spec(spec)
+        self.worker = StepWorker.from_spec(spec, cond)  # cond: the job's encoded prompts (no text encoder here)
         self.flags: dict[int, threading.Event] = {}
         self.started: dict[int, float] = {}  # job id -> when its forward began
 
@@ -275,8 +275,10 @@ def _placement_group(rt: Any, gpus: float):
 
 
 def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
-               log: Callable[[str], None] = print, on_workers: Callable[[list[int], Any], None] | None = None):
-    """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again.
+               log: Callable[[str], None] = print, on_workers: Callable[[list[int], Any], None] | None = None,
+               cond: Any = None):
+    """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again. ``cond``
+    (the job's encoded conditioning, on the CPU) goes to each worker actor with its constructor.
 
     ``on_workers(pids, actors)`` is called once the workers are ready (``actors``: their Ray handles,
     whose ``running()`` says which job each is computing; tests use it to kill a busy worker)."""
@@ -304,7 +306,7 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
         pg = _placement_group(rt, gpus)
         strat = lambda i: PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
         worker_cls = ray.remote(max_concurrency=2)(RayWorker)
-        workers = [worker_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strat(i + 1)).remote(spec, i)
+        workers = [worker_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strat(i + 1)).remote(spec, i, cond)
                    for i in range(rt.workers)]
         actors.extend(workers)
         t0 = time.perf_counter()

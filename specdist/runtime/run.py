@@ -35,6 +35,7 @@ def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float
         method=cfg.method, cache=dataclasses.asdict(cfg.cache), peer=dataclasses.asdict(cfg.peer),
         threads=rt.threads_per_worker, emulate_step_s=rt.emulate_step_s, emulate_draft_s=rt.emulate_draft_s,
         calibration=None if calibration is None else calibration.to_json(),
+        attention_backend=cfg.attention_backend, offload=cfg.offload,
     )
 
 
@@ -75,23 +76,24 @@ def coordinate(pool: Any, cfg: Any, plan: Any, progress: bool) -> RunResult:
 
 def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[str], labels: list[str],
                     guidance: float, *, progress: bool = True, log: Callable[[str], None] = print,
-                    on_workers: Callable[[list[int], Any], None] | None = None,
+                    on_workers: Callable[[list[int], Any], None] | None = None, cond: Any = None,
                     calibration: Calibration | None = None) -> RunResult:
     """Run the job of ``cfg`` (``runtime.backend`` local, ray or torchrun rank 0) on ``noise``.
 
-    ``calibration``: speca's, for a quality target. ``on_workers(pids, actors)`` is called once
-    the workers are up (tests use it to kill one); ``actors`` are the Ray actor handles on
-    ``ray`` (see :func:`~.ray_backend.run_on_ray`), else ``None``.
+    ``cond``: the job's encoded conditioning (all samples; encoded here when ``None``). Workers get
+    it from here and load only the transformer. ``calibration``: speca's, for a quality target.
+    ``on_workers(pids, actors)`` is called once the workers are up (tests use it to kill one);
+    ``actors`` are the Ray actor handles on ``ray`` (see :func:`~.ray_backend.run_on_ray`), else ``None``.
     """
     rt: RuntimeConfig = cfg.runtime
     if rt.backend in ("ray", "torchrun"):  # the layout fits (model, machine) or the run ends here, at once
         job_layout(cfg, bundle, tuple(noise.shape[1:]))
     spec = worker_spec(cfg, prompts, labels, guidance, calibration)
+    cond = encode_all(bundle, spec) if cond is None else cond
     dtype = model_dtype(bundle.transformer)
     plan = (build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype, calibration)
             if rt.mode == "latency" else noise)
     if rt.backend == "local":
-        cond = encode_all(bundle, spec)
         if rt.mode == "latency":  # step jobs share the model
             workers = [StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, cond, spec)] * rt.workers
         else:  # a generation hooks its model: one copy per thread
@@ -110,9 +112,9 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     if rt.backend == "ray":
         from .ray_backend import run_on_ray
 
-        return run_on_ray(cfg, spec, plan, progress=progress, log=log, on_workers=on_workers)
+        return run_on_ray(cfg, spec, plan, progress=progress, log=log, on_workers=on_workers, cond=cond.to("cpu"))
     if rt.backend == "torchrun":
         from .torchrun_backend import run_on_torchrun
 
-        return run_on_torchrun(cfg, spec, plan, progress=progress, log=log)
+        return run_on_torchrun(cfg, spec, plan, progress=progress, log=log, cond=cond.to("cpu"))
     raise ValueError(f"run_distributed: backend {rt.backend!r} is not a distributed backend")

@@ -243,14 +243,16 @@ def serve(worker: Any, ctrl: Any) -> int:
 
 
 def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
-                    log: Callable[[str], None] = print):
-    """Rank 0: coordinate ``plan`` over the worker ranks (which run :func:`run_worker_rank`)."""
+                    log: Callable[[str], None] = print, cond: Any = None):
+    """Rank 0: coordinate ``plan`` over the worker ranks (which run :func:`run_worker_rank`); the
+    job's encoded conditioning ``cond`` (CPU tensors) is broadcast to them once."""
     from .run import coordinate
 
     rank, world, ctrl = init(cfg.runtime, spec.device)
     if rank != 0:
         raise SpecdistError("run_on_torchrun is rank 0's entry point; worker ranks call run_worker_rank")
-    dist.broadcast_object_list([spec.calibration], src=0, group=ctrl)  # workers' generations need it
+    dist.broadcast_object_list([cond, spec.calibration], src=0)  # encoded prompts (workers load no text
+    # encoder) and speca's calibration (throughput generations with a quality target)
     pool = TorchrunPool(world, ctrl, cfg.runtime.job_timeout_s)
     log(f"specdist: torchrun backend: {world - 1} worker ranks ({dist.get_backend()})")
     try:
@@ -263,13 +265,16 @@ def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = T
 
 
 def run_worker_rank(cfg: Any, spec: WorkerSpec) -> int:
-    """A worker rank (≥ 1): load the model from ``spec`` and serve jobs until rank 0 stops."""
-    from .worker import StepWorker
+    """A worker rank (≥ 1): load the transformer from ``spec``, receive the job's shapes and encoded
+    conditioning from rank 0, and serve jobs until rank 0 stops."""
+    from .worker import StepWorker, load_worker_model
 
     rank, world, ctrl = init(cfg.runtime, spec.device)
-    calibration = [None]
-    dist.broadcast_object_list(calibration, src=0, group=ctrl)  # rank 0's calibration (quality target)
-    worker = StepWorker.from_spec(dataclasses.replace(spec, calibration=calibration[0]))
+    bundle = load_worker_model(spec)  # before the broadcast: rank 0 waits there until every rank has loaded
+    box: list[Any] = [None, None]
+    dist.broadcast_object_list(box, src=0)
+    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, box[0],
+                        dataclasses.replace(spec, calibration=box[1]))
     try:
         return serve(worker, ctrl)
     finally:

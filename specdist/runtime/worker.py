@@ -21,7 +21,7 @@ from torch import nn
 
 from ..models.base import Conditioning, ModelAdapter
 from ..engine.hooks import SpeculationHooks
-from ..sampling import model_dtype
+from ..sampling import model_device, model_dtype
 from .jobs import CANCELLED, DONE, DRAFT, GENERATION, Job, JobResult, WorkerSpec
 
 _HOOK = "specdist_runtime_cancel"
@@ -31,6 +31,18 @@ def encode_all(bundle: Any, spec: WorkerSpec) -> Conditioning:
     """Conditioning of every sample of the job, encoded in one batch (the same on every worker)."""
     n = max(len(spec.prompts), len(spec.labels), 1)
     return bundle.encode(list(spec.prompts) or [""] * n, list(spec.labels), spec.guidance, spec.seed)
+
+
+def load_worker_model(spec: WorkerSpec, components: str = "transformer") -> Any:
+    """The job's model as a worker loads it (:func:`specdist.loading.load_model` with the job's
+    device, dtype, sampler, attention backend and offload; ``components="transformer"``: no text
+    encoders, no VAE), with the worker's torch thread count set."""
+    from ..loading import load_model
+
+    torch.set_num_threads(spec.threads)
+    return load_model(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler,
+                      scheduler_config=dict(spec.scheduler_config), attention_backend=spec.attention_backend,
+                      offload=spec.offload, components=components)
 
 
 class JobCancelled(Exception):
@@ -68,7 +80,7 @@ class StepWorker:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, scheduler: Any, cond: Conditioning,
                  spec: WorkerSpec) -> None:
         self.model, self.adapter, self.scheduler, self.spec = model, adapter, scheduler, spec
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         dtype = model_dtype(model)
         self.cond = cond.to(self.device, dtype)
         self.state = threading.local()
@@ -82,14 +94,13 @@ class StepWorker:
         self._hooks_lock = threading.Lock()
 
     @classmethod
-    def from_spec(cls, spec: WorkerSpec) -> "StepWorker":
-        """Load the model and encode the inputs from ``spec`` (what a remote worker does)."""
-        from ..loading import load_model
-
-        torch.set_num_threads(spec.threads)
-        bundle = load_model(spec.model, device=spec.device, dtype=spec.dtype, scheduler=spec.scheduler,
-                            scheduler_config=dict(spec.scheduler_config))
-        return cls(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+    def from_spec(cls, spec: WorkerSpec, cond: Conditioning | None = None) -> "StepWorker":
+        """Load the model from ``spec`` (what a remote worker does): with the job's encoded ``cond``
+        only the transformer and scheduler (no text encoder, no VAE); without it, the whole model,
+        to encode the inputs itself. Attention backend and offload as the job asks."""
+        bundle = load_worker_model(spec, "all" if cond is None else "transformer")
+        cond = encode_all(bundle, spec) if cond is None else cond
+        return cls(bundle.transformer, bundle.adapter, bundle.scheduler, cond, spec)
 
     def speculation_hooks(self) -> SpeculationHooks:
         """The engine's block-level hooks on this worker's model (reentrant across threads)."""
