@@ -35,13 +35,16 @@ def calibration_for(bundle: Any, cache: CacheConfig, steps: int, latent_shape: t
 
 def calibrate_pipeline(pipe: Any, prompt: str | list[str] = "", *, num_inference_steps: int, height: int,
                        width: int, num_frames: int = 1, guidance_scale: float = 1.0,
-                       cache: CacheConfig | None = None, log: Callable[[str], None] = print,
-                       progress: bool = True) -> Calibration:
+                       cache: CacheConfig | None = None, conditioning: Any = None,
+                       log: Callable[[str], None] = print, progress: bool = True) -> Calibration:
     """The calibration of ``pipe.transformer`` for :func:`specdist.enable` with a quality target.
 
     It runs on specdist's loop, which reproduces the pipeline's own denoising loop (its
     encoders, timesteps and guidance; ``tests/test_pipeline_equivalence.py``), for the sizes the
-    pipeline will be called with; decoding uses the pipeline's VAE when it has one.
+    pipeline will be called with; decoding uses the pipeline's VAE when it has one. Prompts go
+    through the pipeline's own encoders, or pass ``conditioning`` (a
+    :class:`~specdist.models.base.Conditioning` of ``cache.calibration_samples`` rows) when the
+    pipeline has none loaded.
     """
     from .models import adapter_for
 
@@ -51,7 +54,8 @@ def calibrate_pipeline(pipe: Any, prompt: str | list[str] = "", *, num_inference
     n = cfg.calibration_samples
     prompts = ([prompt] if isinstance(prompt, str) else list(prompt)) or [""]
     prompts = [prompts[s % len(prompts)] for s in range(n)]
-    cond = adapter.pipeline_conditioning(pipe, prompts, [], guidance_scale, device)
+    cond = conditioning if conditioning is not None else adapter.pipeline_conditioning(pipe, prompts, [],
+                                                                                        guidance_scale, device)
     h, w, f = adapter.pipeline_latent_size(pipe, height, width, num_frames)
     shape = adapter.latent_shape(pipe.transformer, h, w, f)
     noise = initial_noise(shape, [CALIBRATION_SEED + s for s in range(n)])

@@ -162,3 +162,33 @@ def test_bare_dit_directory_runs_speca_at_the_default_target(dit, tmp_path, caps
                  "--set", "num_samples=2", "--set", "cache.calibration_samples=2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["reused"] is True and summary["key"] == report["calibration"]["key"]
+
+
+def test_pipeline_drop_in_runs_to_a_calibrated_target():
+    """specdist.enable on a stock FLUX pipeline with a quality target: the calibration made for its
+    step count and size drives the hook; another step count is refused in one line."""
+    import specdist
+    from specdist.calibrate import calibrate_pipeline
+    from specdist.engine.pipeline import last_stats
+    from specdist.errors import SpecdistError
+    from specdist.models.flux import FluxAdapter
+    from tiny_pipelines import flux_pipe, text
+
+    pipe = flux_pipe(num_layers=1, num_single_layers=2)
+    states, pooled = text(2, 4, 16, 1), torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
+    cond = FluxAdapter.conditioning(states, pooled, embedded_guidance=3.5)
+    cache = CacheConfig(calibration_samples=2, target_psnr_db=25.0)
+    cal = calibrate_pipeline(pipe, num_inference_steps=10, height=32, width=32, cache=cache, conditioning=cond,
+                             log=lambda m: None, progress=False)
+    specdist.enable(pipe, "speca", cache, calibration=cal)
+    try:
+        out = pipe(prompt_embeds=states[:1], pooled_prompt_embeds=pooled[:1], height=32, width=32,
+                   num_inference_steps=10, output_type="latent").images
+        stats = last_stats(pipe)["cond"]
+        assert torch.isfinite(out).all() and len(stats.decisions[0]) == 10
+        assert stats.rule["target_psnr_db"] == 25.0
+        with pytest.raises(SpecdistError, match="calibration is for 10 steps, the trajectory has 6"):
+            pipe(prompt_embeds=states[:1], pooled_prompt_embeds=pooled[:1], height=32, width=32,
+                 num_inference_steps=6, output_type="latent")
+    finally:
+        specdist.disable(pipe)

@@ -94,7 +94,8 @@ class Calibration:
         """Per-step propagation at a final damage of ``rms``: log-log interpolation between the
         damage levels B measured (deviations are damped more when small; large ones move content),
         the nearest level's profile beyond them."""
-        levels = sorted(zip(self.propagation_rms, self.propagation))
+        levels = sorted((d, p) for d, p in zip(self.propagation_rms, self.propagation) if d > 0) or \
+            [(0.0, max(self.propagation, key=max))]  # no damage seen (too few steps): the larger profile
         if rms <= levels[0][0] or len(levels) == 1:
             return list(levels[0][1])
         if rms >= levels[-1][0]:

@@ -293,6 +293,8 @@ class SpeculativeStepper:
             rule.observe_full(redo)
         for sample in range(b):
             stats.errors[sample].append(errors[sample])
+        if i == steps - 1:
+            stats.rule = rule.summary()
         self.hooks.plan("off")
         return out
 
@@ -401,7 +403,6 @@ def sample_cached(
                     on_step(i)
     finally:
         hooks.remove()
-    stepper.stats.rule = rule.summary()
     per = stepper.stats.per_sample()
     return CachedResult(
         latents=latents.float().cpu(),

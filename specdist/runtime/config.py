@@ -44,6 +44,10 @@ class RuntimeConfig:
     adaptive_lookahead: bool = True
     """latency: adapt the window to the last accepted run (from committed history only, so the
     result does not depend on the number of workers)."""
+    reuse: bool = True
+    """latency: after a rejection, the next window takes the closed window's reference outputs at the
+    steps both cover as their predictions (Picard / ParaDiGMS reuse of what was computed) instead
+    of fresh drafts; those jobs are waited for rather than cancelled."""
     ray_address: str | None = None
     """ray: ``null`` starts a local cluster (stopped afterwards); ``auto`` or ``host:port`` joins one."""
     ray_num_cpus: int | None = None

@@ -128,7 +128,7 @@ class Coordinator:
                     stats.wasted_compute_s += r.compute_s
                     continue
                 stats.jobs_done += 1
-                if req.window != t.window_id:
+                if req.window != t.window_id and not t.keeps(req):
                     stats.jobs_stale += 1
                     stats.wasted_compute_s += r.compute_s
                     continue
@@ -137,7 +137,7 @@ class Coordinator:
                 t.deliver(req, r.output, r.features, r.meta)
                 if t.window_id != window:  # the window closed: cancel what is still running for it
                     for jid, (k, other) in inflight.items():
-                        if k == i and other.window != t.window_id:
+                        if k == i and other.window != t.window_id and not t.keeps(other):
                             cancel(jid)
             now_committed = sum(len(t.stats.decisions) for t in trajs)
             bar.update(now_committed - committed)

@@ -31,6 +31,7 @@ sized under ``cache.max_cache_bytes`` exactly as in the engine) and is repeated 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class Draft:
     x_in: torch.Tensor  # model input at that state (scaled, model dtype)
     scheduler: Any  # scheduler state before step ``step``
     prediction: torch.Tensor | None = None  # p_step, once drafted
+    reused: bool = False  # its prediction is the previous window's reference output at this step
 
 
 @dataclass
@@ -97,10 +99,14 @@ class Trajectory:
             ``signal="output"``); ``None`` computes every step fully (``full``).
         lookahead: the largest window ``K``; ``adaptive`` lets ``K`` follow the last window.
         dtype: the model's input dtype.
+        reuse: use what was computed — after a rejection, the new window's steps that the closed
+            window had drafted take that window's reference output at that step as their
+            prediction (Picard / ParaDiGMS: the previous iterate at the same step), instead of a
+            fresh draft; the closed window's jobs at those steps are then waited for, not cancelled.
     """
 
     def __init__(self, scheduler: Any, latents: torch.Tensor, cache: CacheConfig, rule: Rule | None, lookahead: int, *,
-                 adaptive: bool = True, dtype: torch.dtype = torch.float32) -> None:
+                 adaptive: bool = True, dtype: torch.dtype = torch.float32, reuse: bool = True) -> None:
         self.sched = scheduler
         self.timesteps = list(scheduler.timesteps)
         self.steps = len(self.timesteps)
@@ -125,6 +131,11 @@ class Trajectory:
         self.results: dict[int, torch.Tensor] = {}  # step -> reference output
         self.features: dict[int, tuple[torch.Tensor, ...]] = {}  # step -> recorded full features
         self.phase = "measure" if self.block_level else "record"
+        self.reuse = reuse and self.speculate
+        self.old: list[Draft] = []  # the closed window's drafts after its new anchor, still computed
+        self.old_window = -1
+        self.old_history: TaylorCache | None = None  # the closed window's history (its drafts' forecasts)
+        self.old_results: dict[int, torch.Tensor] = {}
         self.final: torch.Tensor | None = None
         self.stats = TrajectoryStats()
 
@@ -147,8 +158,20 @@ class Trajectory:
                                                               self.phase if self.block_level else "off", self.start)]
         drafts, fulls = [], []
         record = "record" if self.block_level else "off"
-        for d in self.drafts:
+        for d in self.old:  # the closed window's states that the open window reuses
+            if d.x is None:
+                break
             if d.prediction is None and self.block_level:
+                drafts.append(Request(DRAFT, d.step, self.old_window, (d.x_in, *self._forecast(d.step, self.old_history)),
+                                      start=self.start, layout=tuple(self.layout)))
+            if d.step not in self.old_results:
+                fulls.append(Request(FULL, d.step, self.old_window, (d.x_in,), "off", self.start))
+            if d.prediction is None:
+                break
+        for d in self.drafts:
+            if d.x is None:
+                break
+            if d.prediction is None and self.block_level and not d.reused:
                 drafts.append(Request(DRAFT, d.step, self.window_id, (d.x_in, *self._forecast(d.step)),
                                       start=self.start, layout=tuple(self.layout)))
             if d.step not in self.results:
@@ -157,6 +180,10 @@ class Trajectory:
                 break  # later states depend on this draft
         return drafts + fulls
 
+    def keeps(self, request: Request) -> bool:
+        """Whether a job of a closed window is still needed (reused by the open window): not to cancel."""
+        return request.window == self.old_window and any(d.step == request.step for d in self.old)
+
     # -- results -------------------------------------------------------------------------------
     def deliver(self, request: Request, output: torch.Tensor | None, features: tuple[torch.Tensor, ...] = (),
                 meta: dict | None = None) -> list[int]:
@@ -164,7 +191,11 @@ class Trajectory:
         ``features``: a recording full call's features, ``meta["layout"]`` their (name, tensors)
         layout; ``meta["sizes"]``: a measuring call's bytes per row. Returns the steps whose jobs
         became useless (to cancel); a result for a closed window is ignored."""
-        if request.window != self.window_id or self.done:
+        if self.done:
+            return []
+        if self.keeps(request):
+            return self._old_result(request, output)
+        if request.window != self.window_id:
             return []
         meta = meta or {}
         if request.kind == DRAFT:
@@ -193,9 +224,40 @@ class Trajectory:
     def _time(self, step: int) -> float:
         return forecaster_time(self.cfg, step, self.timesteps[step], self.train_t)
 
-    def _forecast(self, step: int) -> tuple[torch.Tensor, ...]:
-        rows = torch.arange(self.history.rows)
-        return self.history.forecast(rows, self._time(step))
+    def _forecast(self, step: int, history: TaylorCache | None = None) -> tuple[torch.Tensor, ...]:
+        history = history if history is not None else self.history
+        return history.forecast(torch.arange(history.rows), self._time(step))
+
+    def _old_result(self, request: Request, output: torch.Tensor) -> list[int]:
+        """A closed window's draft or reference output at a step the open window reuses."""
+        if request.kind == DRAFT:
+            for j, d in enumerate(self.old):
+                if d.step == request.step and d.prediction is None:
+                    self.stats.drafts += 1
+                    d.prediction = output.float()
+                    self._extend(j, self.old)
+        else:
+            self.old_results[request.step] = output.float()
+        self._fill()
+        return self._advance()
+
+    def _fill(self) -> None:
+        """Give the open window's known states their predictions where no job is needed: a reused
+        step takes the closed window's reference output once it is there, an output-level draft is
+        the forecast itself; stops at the first state still waiting (a block-level draft job)."""
+        for j, d in enumerate(self.drafts):
+            if d.x is None:
+                return
+            if d.prediction is None:
+                if d.reused:
+                    if d.step not in self.old_results:
+                        return
+                    d.prediction = self.old_results[d.step]
+                elif self.speculate and not self.block_level:
+                    d.prediction = self._forecast(d.step)[0]
+                else:
+                    return
+                self._extend(j)
 
     def _learn(self, step: int) -> None:
         """The full features of a committed step join the history."""
@@ -214,16 +276,18 @@ class Trajectory:
             if d.step == step and d.prediction is None:
                 d.prediction = prediction
                 self._extend(j)
+        self._fill()
         return self._advance()
 
-    def _extend(self, j: int) -> None:
+    def _extend(self, j: int, drafts: list[Draft] | None = None) -> None:
         """Draft ``j`` has its prediction: the next drafted state follows from it."""
-        if j + 1 >= len(self.drafts) or self.drafts[j + 1].x is not None:
+        drafts = self.drafts if drafts is None else drafts
+        if j + 1 >= len(drafts) or drafts[j + 1].x is not None:
             return
-        d = self.drafts[j]
+        d = drafts[j]
         sched = snapshot(d.scheduler)
         x = sched.step(d.prediction, self.timesteps[d.step], d.x, return_dict=False)[0]
-        nxt = self.drafts[j + 1]
+        nxt = drafts[j + 1]
         nxt.x, nxt.x_in, nxt.scheduler = x, self._input(sched, x, nxt.step), sched
 
     def _advance(self) -> list[int]:
@@ -268,7 +332,15 @@ class Trajectory:
     def _close(self, j: int, true: torch.Tensor, passed: bool) -> list[int]:
         """Commit draft ``j`` as the new anchor with its reference output; drop later drafts."""
         d = self.drafts[j]
-        dropped = [e.step for e in self.drafts[j + 1:]]
+        later = self.drafts[j + 1:]
+        if self.reuse:  # the later states keep being computed: the next window reuses their outputs
+            self.old, self.old_window = later, self.window_id
+            self.old_results = {e.step: self.results[e.step] for e in later if e.step in self.results}
+            self.old_history = copy.deepcopy(self.history) if later else None
+            dropped = []
+        else:
+            self.old, self.old_window, self.old_results, self.old_history = [], -1, {}, None
+            dropped = [e.step for e in later]
         self.stats.closed_at.append(j + 1)
         self.stats.anchors += 1
         if self.adaptive:  # from this window's outcome only (committed history)
@@ -294,17 +366,18 @@ class Trajectory:
             return
         size = min(self.k if self.speculate else 1, self.steps - 1 - self.c)
         nxt = min((s for s in self.forced if s > self.c), default=self.steps)
-        size = max(1, min(size, nxt - self.c))
+        reusable = [e.step for e in self.old if e.step <= nxt]  # a window covers what it can reuse
+        size = max(1, min(max(size, len(reusable)), nxt - self.c))
         for j in range(1, size + 1):
             step = self.c + j
             if j == 1:
                 self.drafts.append(Draft(step, x, self._input(sched, x, step), sched))
             else:
                 self.drafts.append(Draft(step, None, None, None))
-        if self.speculate and not self.block_level:  # output-level drafts: the forecast itself, no model
-            for j, d in enumerate(self.drafts):
-                d.prediction = self._forecast(d.step)[0]
-                self._extend(j)
+        self.old = [e for e in self.old if e.step <= self.drafts[-1].step]  # only what this window reuses
+        for d in self.drafts:
+            d.reused = d.step in set(reusable)
+        self._fill()
         self.stats.windows.append(size)
 
 

@@ -51,7 +51,7 @@ def build_trajectories(cfg: Any, adapter: Any, scheduler: Any, noise: torch.Tens
         rule = None if cfg.method == "full" else make_rule(cfg.method, cfg.cache, cfg.steps, 1, calibration=calibration,
                                                             signal="output")
         trajs.append(Trajectory(sched, latents, cfg.cache, rule, cfg.runtime.lookahead,
-                                adaptive=cfg.runtime.adaptive_lookahead, dtype=dtype))
+                                adaptive=cfg.runtime.adaptive_lookahead, dtype=dtype, reuse=cfg.runtime.reuse))
     return trajs
 
 
