@@ -248,3 +248,46 @@ class PeerConfig:
         lo_hi = self.pab_spatial_timestep_range
         _check(len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1], f"{prefix}pab_spatial_timestep_range", lo_hi,
                "[low, high] scheduler timesteps with low <= high")
+
+
+EXACT_DRAFTS = ("frozen", "taylor")
+"""``exact.draft`` values (:mod:`specdist.engine.exact`)."""
+
+
+@dataclass(kw_only=True)
+class ExactConfig:
+    """Knobs of ``method: exact`` — exact speculative sampling for stochastic samplers (De Bortoli,
+    Galashov, Gretton, Doucet, "Accelerated Diffusion Models via Speculative Sampling", ICML 2025;
+    DESIGN §2.4). Each round drafts ``window`` Gaussian transitions, verifies every drafted state
+    with one batched target call, keeps the drafts up to the first rejection and samples that step
+    from the residual by reflection maximal coupling: the output law is exactly the target sampler's."""
+
+    window: int = 4
+    """Drafted steps per round (L); with ``adaptive`` the first round's window."""
+    adaptive: bool = False
+    """Choose each round's L from the sample's committed history: the smallest L whose chance of
+    drafting past the window, ``â^L`` with ``â`` the smoothed acceptance rate so far, is below 0.1
+    (capped at ``max_window``)."""
+    max_window: int = 16
+    """``adaptive``: the largest window."""
+    draft: str = "frozen"
+    """The draft's model output. ``frozen``: the target's output at the newest committed state
+    (the paper's frozen-target draft; one step stale at a round's start). ``taylor``: the engine's
+    Taylor forecaster (:class:`~specdist.engine.forecast.TaylorCache`) of the output over the
+    committed evaluations, order ``order``, extrapolated to each drafted step."""
+    order: int = 1
+    """``draft: taylor``: the Taylor order (1..4)."""
+    eta: float | None = None
+    """``DDIMScheduler`` only: DDIM's η in (0, 1] (η = 0 is deterministic and refused)."""
+
+    def validate(self, prefix: str = "exact.") -> None:
+        _check(1 <= self.window <= 64, f"{prefix}window", self.window, "an integer 1..64")
+        _check(1 <= self.max_window <= 64, f"{prefix}max_window", self.max_window, "an integer 1..64")
+        _check(self.adaptive or self.max_window == 16, f"{prefix}max_window", self.max_window,
+               "the default (16) unless exact.adaptive is true")
+        _check(self.draft in EXACT_DRAFTS, f"{prefix}draft", self.draft, f"one of {list(EXACT_DRAFTS)}")
+        _check(1 <= self.order <= 4, f"{prefix}order", self.order, "an integer 1..4")
+        _check(self.draft == "taylor" or self.order == 1, f"{prefix}order", self.order,
+               "the default (1) unless exact.draft is taylor (the frozen draft has no order)")
+        _check(self.eta is None or 0 < self.eta <= 1, f"{prefix}eta", self.eta,
+               "null or a number in (0, 1] (DDIMScheduler only)")

@@ -181,7 +181,7 @@ class ModelAdapter(ABC):
     def forward(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
                 kwargs: dict[str, torch.Tensor], extra: dict[str, Any]) -> torch.Tensor:
         """One transformer call. ``latents``: ``[B, *latent_shape]``; ``timestep``: scalar tensor
-        from ``scheduler.timesteps``. Returns the model output in the scheduler's prediction space
+        from ``scheduler.timesteps`` (or ``[B]`` of them, one per sample; see :func:`timestep_batch`). Returns the model output in the scheduler's prediction space
         with the latents' shape (learned-variance channels already dropped)."""
 
     def predict(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -189,6 +189,8 @@ class ModelAdapter(ABC):
         if cond.uncond_kwargs is None or cond.guidance_scale <= 1.0:
             return self.forward(model, latents, timestep, cond.kwargs, cond.extra)
         both = {k: torch.cat([cond.kwargs[k], cond.uncond_kwargs[k]]) for k in cond.kwargs}
+        if torch.as_tensor(timestep).ndim == 1 and torch.as_tensor(timestep).numel() > 1:  # one per sample
+            timestep = torch.cat([timestep, timestep])
         out = self.forward(model, torch.cat([latents, latents]), timestep, both, cond.extra)
         out_cond, out_uncond = out.chunk(2)
         return out_uncond + cond.guidance_scale * (out_cond - out_uncond)
@@ -252,10 +254,14 @@ class ModelAdapter(ABC):
 
 
 def timestep_batch(timestep: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``timestep`` (scalar) expanded to ``[batch]`` on ``device``."""
+    """``timestep`` expanded to ``[batch]`` on ``device``: a scalar for every sample, or one timestep
+    per sample (a 1-D tensor of ``batch`` entries, e.g. exact mode's verification of states at
+    different steps in one call)."""
     t = torch.as_tensor(timestep, device=device)
     if dtype is not None:
         t = t.to(dtype)
+    if t.ndim == 1 and t.numel() == batch and batch > 1:
+        return t
     return t.reshape(-1)[:1].expand(batch)
 
 
