@@ -56,7 +56,7 @@ class BenchConfig:
         check_value(self.steps >= 2, f"{prefix}steps", self.steps, "an integer >= 2")
         check_value(self.num_samples >= 1, f"{prefix}num_samples", self.num_samples, "an integer >= 1")
         check_value(self.repeats >= 1, f"{prefix}repeats", self.repeats, "an integer >= 1")
-        allowed = [m for m in METHODS if m != "full"]
+        allowed = [m for m in METHODS if m not in ("full", "exact")]  # exact: benchmarks/exact.py
         for method, groups in self.sweep.items():
             check_value(method in allowed, f"{prefix}sweep", method, f"methods among {allowed}")
             groups = groups if isinstance(groups, list) else [groups]

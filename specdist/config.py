@@ -20,14 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
-from .engine.config import CACHE_METHODS, PEER_METHODS, CacheConfig, PeerConfig
+from .engine.config import CACHE_METHODS, PEER_METHODS, CacheConfig, ExactConfig, PeerConfig
 from .errors import ConfigError
 from .runtime.config import LATENCY_METHODS, RuntimeConfig, check_latency_cache
 from .errors import check_value as _check
 from .attention import ATTENTION_BACKENDS
 from .memory import OFFLOADS
 
-METHODS = ("full", *CACHE_METHODS, *PEER_METHODS)
+METHODS = ("full", *CACHE_METHODS, *PEER_METHODS, "exact")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -72,9 +72,11 @@ class GenerateConfig:
     model: str = "hunyuan-shapes-video"
     """A zoo name (see ``specdist models``) or a local diffusers directory."""
     method: str = "full"
-    """``full`` (every step computes the whole model), ours: ``fora``, ``taylorseer``, ``speca``, or a
+    """``full`` (every step computes the whole model), ours: ``fora``, ``taylorseer``, ``speca``, a
     diffusers built-in cache as a peer: ``diffusers-fbcache``, ``diffusers-taylorseer``,
-    ``diffusers-magcache``, ``diffusers-pab`` (see :mod:`specdist.engine.config`)."""
+    ``diffusers-magcache``, ``diffusers-pab`` (see :mod:`specdist.engine.config`), or ``exact``:
+    exact speculative sampling of a stochastic sampler (``exact:`` section; needs e.g.
+    ``scheduler: DDPMScheduler``; see :mod:`specdist.engine.exact`)."""
     steps: int = 50
     """Denoising steps."""
     seed: int = 0
@@ -124,6 +126,7 @@ class GenerateConfig:
     against it (doubles the cost; the honest way to read a speedup)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+    exact: ExactConfig = field(default_factory=ExactConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -156,6 +159,8 @@ class GenerateConfig:
             _check(False, f"{prefix}{key}", value, "the default with runtime.mode=latency (the engine's caches: "
                    "runtime.backend=none or runtime.mode=throughput)")
         self.peer.validate(f"{prefix}peer.")
+        self.exact.validate(f"{prefix}exact.")
+        self._validate_exact(prefix)
         self.output.validate(f"{prefix}output.")
         self.runtime.validate(f"{prefix}runtime.")
         if self.runtime.distributed and self.runtime.mode == "latency":
@@ -165,10 +170,31 @@ class GenerateConfig:
             if self.method == "speca":
                 check_latency_cache(self.cache, f"{prefix}cache.")
 
+    def _validate_exact(self, prefix: str) -> None:
+        """``exact.*`` only with method=exact; with it, no ``cache.*``/``peer.*`` knob and no worker pool."""
+        if self.method != "exact":
+            _refuse_changed(self.exact, ExactConfig(), f"{prefix}exact.", f"the default with method={self.method!r} "
+                            f"(it applies to method=exact)")
+            return
+        _refuse_changed(self.cache, CacheConfig(), f"{prefix}cache.", "the default with method=exact (its knobs are "
+                        "exact.window, exact.adaptive, exact.max_window, exact.draft, exact.order, exact.eta)")
+        _refuse_changed(self.peer, PeerConfig(), f"{prefix}peer.", "the default with method=exact")
+        _check(not self.runtime.distributed, f"{prefix}runtime.backend", self.runtime.backend,
+               "none with method=exact (its verification is one batched call in this process; the worker "
+               "pool is not wired for it yet)")
+
     @property
     def effective_batch_size(self) -> int:
         """Samples per model call."""
         return self.batch_size or self.num_samples
+
+
+def _refuse_changed(section: Any, default: Any, prefix: str, allowed: str) -> None:
+    """Raise a ConfigError naming the first field of ``section`` that differs from ``default``."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if value != getattr(default, f.name):
+            _check(False, f"{prefix}{f.name}", value, allowed)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

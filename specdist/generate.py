@@ -17,6 +17,7 @@ from .config import GenerateConfig, config_to_dict
 from .engine.config import PEER_METHODS
 from .calibrate import calibration_for
 from .engine.accounting import summarize
+from .engine.exact import ExactStats, sample_target_chain
 from .engine.speculative import CacheStats
 from .env import environment
 from .loading import ModelBundle, load_model, scheduler_record
@@ -85,6 +86,39 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
             overhead["speculative_time_fraction_of_full_inference"] = (
                 overhead["speculative_seconds"] / max(out["reference"]["full_wall_s"], 1e-9))
     return out
+
+
+def exact_report(cfg: GenerateConfig, results: list, references: list, latents: torch.Tensor) -> dict[str, Any]:
+    """The report's ``exact`` section: per-sample rounds, evaluations, acceptance, run lengths, wall,
+    and the target sampler of the same seeds (rounds = evaluations = steps) when it ran."""
+    stats = ExactStats.concat([r.exact for r in results])
+    rounds = stats.sequential_rounds
+    out = {"config": config_to_dict(cfg.exact), **stats.as_dict(),
+           "wall_s": round(sum(r.wall_s for r in results), 4),
+           "mean_sequential_rounds": sum(rounds) / len(rounds),
+           "round_reduction": cfg.steps / (sum(rounds) / len(rounds)),
+           "evaluations_ratio": sum(stats.target_evaluations) / (len(rounds) * cfg.steps),
+           "note": "samples are exact in law (the target sampler's distribution), not per seed; "
+                   "latency_units_by_workers is an emulation: sum over rounds of ceil(window / workers) "
+                   "target-call units (the target sampler: steps)"}
+    if references:
+        ref = torch.cat([r.latents for r in references])
+        out["target_sampler"] = {"sequential_rounds": cfg.steps, "target_evaluations": cfg.steps,
+                                 "wall_s": round(sum(r.wall_s for r in references), 4),
+                                 "same_seed_latent_rel_l2": compare(latents, ref)["rel_l2"]}
+        out["speedup_wall_local"] = out["target_sampler"]["wall_s"] / max(out["wall_s"], 1e-9)
+    return out
+
+
+def exact_summary(section: dict[str, Any], steps: int) -> str:
+    """One log line of an exact run."""
+    rates = [r for r in section["acceptance_rate"] if r is not None]
+    line = (f"specdist: exact: {section['mean_sequential_rounds']:.1f} sequential rounds vs {steps} "
+            f"({section['round_reduction']:.2f}x fewer), {section['evaluations_ratio']:.2f}x the target's evaluations, "
+            f"acceptance {sum(rates) / max(len(rates), 1):.2f}")
+    if "target_sampler" in section:
+        line += f", wall {section['wall_s']:.1f} s vs {section['target_sampler']['wall_s']:.1f} s (one process)"
+    return line
 
 
 def memory_report(telemetry: dict[str, Any], caching: dict[str, Any], bundle: ModelBundle) -> dict[str, Any]:
@@ -227,8 +261,13 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
             noise = initial_noise(shape, [seeds[i] for i in idx])
             run = dict(progress=progress, desc=f"batch {k + 1}/{len(batches)} {cfg.method}")
             args = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, cfg.steps)
-            results.append(run_method(cfg.method, *args, cache=cfg.cache, peer=cfg.peer, calibration=calibration, **run))
-            if cfg.method != "full" and cfg.reference:
+            batch_seeds = [seeds[i] for i in idx]
+            results.append(run_method(cfg.method, *args, cache=cfg.cache, peer=cfg.peer, calibration=calibration,
+                                      seeds=batch_seeds, exact=cfg.exact, **run))
+            if cfg.method == "exact" and cfg.reference:  # the target sampler exact mode reproduces in law
+                references.append(sample_target_chain(*args, batch_seeds, cfg.exact.eta, progress=progress,
+                                                      desc=f"batch {k + 1}/{len(batches)} target sampler"))
+            elif cfg.method != "full" and cfg.reference:
                 run["desc"] = f"batch {k + 1}/{len(batches)} full (reference)"
                 references.append(run_method("full", *args, **run))
     latents = torch.cat([r.latents for r in results])
@@ -237,7 +276,10 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
     flops = flops_breakdown(bundle.transformer, *tokens)
     per_forward = flops["total"]
     nfe = sum(r.nfe * r.latents.shape[0] for r in results) / cfg.num_samples
-    if not rt.distributed:
+    if cfg.method == "exact":
+        caching = {"exact": exact_report(cfg, results, references, latents)}
+        log(exact_summary(caching["exact"], cfg.steps))
+    elif not rt.distributed:
         caching = cache_report(cfg, results, references, flops, latents, pixels, bundle)
     else:
         caching = {"reference": reference_quality(references, latents, pixels, bundle)} if references else {}

@@ -1,5 +1,5 @@
-"""One entry point for every sampling method: ``full``, ours (``fora``, ``taylorseer``, ``speca``)
-and the diffusers built-in caches as peers (``diffusers-*``)."""
+"""One entry point for every sampling method: ``full``, ours (``fora``, ``taylorseer``, ``speca``),
+the diffusers built-in caches as peers (``diffusers-*``) and exact speculative sampling (``exact``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .engine.config import CACHE_METHODS, CacheConfig
+from .engine.config import CACHE_METHODS, CacheConfig, ExactConfig
 from .models.base import Conditioning
 from .sampling import SampleResult, sample_full
 
@@ -15,15 +15,24 @@ from .sampling import SampleResult, sample_full
 def run_method(method: str, model: torch.nn.Module, adapter: Any, scheduler: Any, cond: Conditioning,
                noise: torch.Tensor, steps: int, *, cache: CacheConfig | None = None, peer: Any = None,
                progress: bool = True, desc: str = "sampling", calibrations: dict | None = None,
-               calibration: Any = None, on_step: Any = None) -> SampleResult:
+               calibration: Any = None, on_step: Any = None, seeds: list[int] | None = None,
+               exact: ExactConfig | None = None) -> SampleResult:
     """Sample ``noise`` with ``method``; the same inputs give the same trajectory for ``full``.
 
     ``calibrations`` (a dict the caller owns) keeps MagCache calibrations across calls;
     ``calibration`` is speca's (:mod:`specdist.engine.calibration`), needed for a quality target;
-    ``on_step(step)`` is called after each step (``full`` and our caching methods)."""
+    ``on_step(step)`` is called after each step (``full`` and our caching methods). ``exact`` needs
+    the samples' ``seeds`` (its per-step noise streams are functions of them) and takes ``exact``."""
     if method == "full":
         return sample_full(model, adapter, scheduler, cond, noise, steps, progress=progress, desc=desc,
                            on_step=None if on_step is None else (lambda i, t, x: on_step(i)))
+    if method == "exact":
+        from .engine.exact import sample_exact
+
+        if seeds is None or len(seeds) != noise.shape[0]:
+            raise ValueError("run_method('exact', ...) needs one seed per sample (seeds=)")
+        return sample_exact(model, adapter, scheduler, cond, noise, steps, seeds, exact or ExactConfig(),
+                            progress=progress, desc=desc)
     if method in CACHE_METHODS:
         from .engine.speculative import sample_cached
 

@@ -163,12 +163,21 @@ def test_generate_runs_every_method_on_every_zoo_model(tmp_path, repo_root, one_
     (few steps, one sample): it runs, writes its media, and reports what the method did."""
     assert f"`{method}`" in (repo_root / "README.md").read_text()
     steps, out = 6, tmp_path / "o"
+    sampler = []  # exact needs a stochastic sampler: DDPM for DDIM models, the stochastic flow Euler step
+    if method == "exact":
+        sampler = (["--set", "scheduler=DDPMScheduler"] if ZOO_SPECS[model].scheduler_class == "DDIMScheduler"
+                   else ["--set", "scheduler_config.stochastic_sampling=true"])
     assert main(["generate", "--quiet", "--set", f"model={model}", "--set", f"method={method}",
-                 "--set", f"steps={steps}", "--set", "num_samples=1", "--out", str(out)]) == 0
+                 "--set", f"steps={steps}", "--set", "num_samples=1", *sampler, "--out", str(out)]) == 0
     r = json.loads((out / "report.json").read_text())
     assert (r["model"], r["method"], r["steps"], r["num_samples"]) == (model, method, steps, 1)
     assert r["conditioning"] in ("class", "text_encoder")
     assert r["media"] and all((out / m).stat().st_size > 0 for m in r["media"])
+    if method == "exact":  # rounds <= steps; evaluations up to window x rounds; its baseline is the target sampler
+        (rounds,), (evals,) = r["exact"]["sequential_rounds"], r["exact"]["target_evaluations"]
+        assert 1 <= rounds <= steps and rounds <= evals == r["nfe"] and "reference" not in r
+        assert r["exact"]["target_sampler"]["sequential_rounds"] == steps
+        return
     assert 0 < r["nfe"] <= steps and r["flops"]["per_sample"] > 0
     if method == "full":
         assert r["nfe"] == steps and "reference" not in r

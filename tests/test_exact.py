@@ -59,13 +59,13 @@ def _exact(model, sched, eta, n: int, steps: int, cfg: ExactConfig | None = None
                         seeds, cfg, progress=False, coupling=coupling)
 
 
-@pytest.mark.parametrize("kind,dim,draft,steps", [("ddpm", 4, "frozen", STEPS), ("ddim", 4, "frozen", STEPS),
-                                                  ("flow", 4, "frozen", STEPS), ("ddpm", 16, "taylor", 12),
-                                                  ("ddpm", 1, "frozen", STEPS)])
-def test_exact_matches_the_target_chain_in_law(kind, dim, draft, steps):
+@pytest.mark.parametrize("kind,dim,draft,space,steps", [
+    ("ddpm", 4, "frozen", "x0", STEPS), ("ddim", 4, "frozen", "x0", STEPS), ("flow", 4, "frozen", "x0", STEPS),
+    ("ddpm", 16, "taylor", "x0", 12), ("ddpm", 1, "frozen", "output", STEPS), ("flow", 2, "taylor", "output", STEPS)])
+def test_exact_matches_the_target_chain_in_law(kind, dim, draft, space, steps):
     sched, model, eta = _setup(kind, dim)
     ref = _diffusers_chain(model, sched, N, steps, eta)
-    cfg = ExactConfig(window=4, eta=eta, draft=draft)
+    cfg = ExactConfig(window=4, eta=eta, draft=draft, space=space)
     out = _exact(model, sched, eta, N, steps, cfg)
     p = ks_bonferroni(out.latents, ref)
     assert p > ALPHA, f"exact sampler differs from the target chain (KS-Bonferroni p={p:.2g})"
@@ -115,7 +115,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted_and_reproduces_the_chain
     noise = initial_noise((3,), seeds)
     chain = sample_target_chain(model, ADAPTER, sched, ADAPTER.conditioning(3), noise, steps, seeds, target=const,
                                 progress=False)
-    out = sample_exact(model, ADAPTER, sched, ADAPTER.conditioning(3), noise, steps, seeds, ExactConfig(window=window),
+    out = sample_exact(model, ADAPTER, sched, ADAPTER.conditioning(3), noise, steps, seeds, ExactConfig(window=window, space="output"),
                        target=const, progress=False)
     torch.testing.assert_close(out.latents, chain.latents, atol=1e-6, rtol=1e-6)
     assert all(o == [TARGET] + [ACCEPTED] * (steps - 1) for o in out.exact.outcomes)

@@ -251,6 +251,7 @@ class PeerConfig:
 
 
 EXACT_DRAFTS = ("frozen", "taylor")
+EXACT_SPACES = ("x0", "output")
 """``exact.draft`` values (:mod:`specdist.engine.exact`)."""
 
 
@@ -277,6 +278,11 @@ class ExactConfig:
     committed evaluations, order ``order``, extrapolated to each drafted step."""
     order: int = 1
     """``draft: taylor``: the Taylor order (1..4)."""
+    space: str = "x0"
+    """What the draft carries forward from the committed evaluations: ``x0``, the clean sample the
+    target predicted (converted back to a model output at each drafted state; steady late in
+    sampling, where a reused raw output is badly off once the state has moved), or ``output``, the
+    model output itself (the literal frozen-target draft)."""
     eta: float | None = None
     """``DDIMScheduler`` only: DDIM's η in (0, 1] (η = 0 is deterministic and refused)."""
 
@@ -289,5 +295,6 @@ class ExactConfig:
         _check(1 <= self.order <= 4, f"{prefix}order", self.order, "an integer 1..4")
         _check(self.draft == "taylor" or self.order == 1, f"{prefix}order", self.order,
                "the default (1) unless exact.draft is taylor (the frozen draft has no order)")
+        _check(self.space in EXACT_SPACES, f"{prefix}space", self.space, f"one of {list(EXACT_SPACES)}")
         _check(self.eta is None or 0 < self.eta <= 1, f"{prefix}eta", self.eta,
                "null or a number in (0, 1] (DDIMScheduler only)")

@@ -115,28 +115,33 @@ class ExactResult(SampleResult):
 class OutputDraft:
     """Proposer of the draft model outputs, from the committed target evaluations of each sample.
 
-    ``frozen`` is order 0 (the newest committed output reused); ``taylor`` extrapolates the Newton
-    polynomial through the last ``order + 1`` committed outputs to the drafted step (time = step index)."""
+    What is carried forward is either the model ``output`` itself or the clean sample it predicts
+    (``x0``, :meth:`GaussianKernel.x0`; turned back into an output at the drafted state). ``frozen``
+    reuses the newest committed value; ``taylor`` extrapolates the Newton polynomial through the last
+    ``order + 1`` committed values to the drafted step (time = step index, the engine's
+    :class:`~specdist.engine.forecast.TaylorCache`)."""
 
-    def __init__(self, cfg: ExactConfig, samples: int) -> None:
+    def __init__(self, cfg: ExactConfig, samples: int, kernels: list[GaussianKernel]) -> None:
         self.cache = TaylorCache(cfg.order, samples) if cfg.draft == "taylor" else None
-        self.last: list[torch.Tensor | None] = [None] * samples  # [samples] newest committed output
+        self.space = cfg.space
+        self.kernels = kernels
+        self.last: list[torch.Tensor | None] = [None] * samples  # [samples] newest committed value
 
     def ready(self, row: int) -> bool:
         """Whether sample ``row`` has a committed evaluation to draft from."""
         return self.last[row] is not None
 
-    def record(self, row: int, output: torch.Tensor, step: int) -> None:
-        """Record the target output ``[*shape]`` at the committed state of ``step``."""
-        self.last[row] = output
+    def record(self, row: int, output: torch.Tensor, step: int, state: torch.Tensor) -> None:
+        """Record the target ``output`` ``[*shape]`` at the committed ``state`` of ``step``."""
+        value = self.kernels[step].x0(state, output) if self.space == "x0" else output
+        self.last[row] = value
         if self.cache is not None:
-            self.cache.update(torch.tensor([row]), (output[None],), float(step))
+            self.cache.update(torch.tensor([row]), (value[None],), float(step))
 
-    def propose(self, row: int, step: int) -> torch.Tensor:
-        """The draft output ``[*shape]`` for ``step``."""
-        if self.cache is None:
-            return self.last[row]
-        return self.cache.forecast(torch.tensor([row]), float(step))[0][0]
+    def propose(self, row: int, step: int, state: torch.Tensor) -> torch.Tensor:
+        """The draft output ``[*shape]`` for ``step`` at drafted ``state``."""
+        value = self.last[row] if self.cache is None else self.cache.forecast(torch.tensor([row]), float(step))[0][0]
+        return self.kernels[step].output_for_x0(state, value) if self.space == "x0" else value
 
 
 class WindowPolicy:
@@ -185,7 +190,7 @@ def _draft(row: int, start: int, length: int, x: torch.Tensor, kernels: list[Gau
     for j in range(length):
         k = start + j
         z = step_noise(seed, k, tuple(x.shape)).to(x.device)
-        mean = kernels[k].mean(win.states[-1], draft.propose(row, k)) if draft.ready(row) else None
+        mean = kernels[k].mean(win.states[-1], draft.propose(row, k, win.states[-1])) if draft.ready(row) else None
         win.means.append(mean)
         win.noise.append(z)
         win.states.append(gaussian_draw(mean, kernels[k].std, z) if mean is not None else win.states[-1])
@@ -211,7 +216,7 @@ def sample_exact(model: nn.Module, adapter: ModelAdapter, scheduler: Any, cond: 
     samples = noise.shape[0]
     x = list(init_latents(sched, noise, device))
     pos = [0] * samples
-    draft, policy = OutputDraft(cfg, samples), WindowPolicy(cfg)
+    draft, policy = OutputDraft(cfg, samples, kernels), WindowPolicy(cfg)
     stats = ExactStats(n, [[] for _ in range(samples)], [[] for _ in range(samples)], [[] for _ in range(samples)])
     bar = tqdm(total=n * samples, desc=desc, disable=not progress, leave=False)
     start = time.perf_counter()
@@ -250,7 +255,7 @@ def _verify(win: _Window, outputs: torch.Tensor, kernels: list[GaussianKernel], 
         k = win.start + j
         kernel = kernels[k]
         state = win.states[j]  # committed: the round's start or an accepted draft
-        draft.record(b, outputs[j], k)
+        draft.record(b, outputs[j], k, state)
         mean_q = kernel.mean(state, outputs[j])
         if mean_p is None or kernel.std <= 0:  # no draft, or a deterministic step: the target's transition
             stats.outcomes[b].append(TARGET)

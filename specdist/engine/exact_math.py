@@ -58,9 +58,17 @@ class GaussianKernel:
     e_o: float = 0.0
     clip: float | None = None
 
+    def x0(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The scheduler's predicted clean sample (before clipping) for state ``x`` and output ``out``."""
+        return self.x0_x * x + self.x0_o * out
+
+    def output_for_x0(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The model output that predicts clean sample ``x0`` at state ``x`` (inverse of :meth:`x0`)."""
+        return (x0 - self.x0_x * x) / self.x0_o
+
     def mean(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The transition mean for states ``x`` and model outputs ``out`` (same shape)."""
-        x0 = self.x0_x * x + self.x0_o * out
+        x0 = self.x0(x, out)
         if self.clip is not None:
             x0 = x0.clamp(-self.clip, self.clip)
         mean = self.c0 * x0 + self.cx * x
