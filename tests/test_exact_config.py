@@ -66,3 +66,4 @@ def test_a_deterministic_sampler_is_refused_in_one_line(tmp_path):
         _generate(tmp_path)  # dit-shapes' own sampler: DDIM, eta unset (= 0)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
