@@ -163,7 +163,7 @@ class GenerateConfig:
         self._validate_exact(prefix)
         self.output.validate(f"{prefix}output.")
         self.runtime.validate(f"{prefix}runtime.")
-        if self.runtime.distributed and self.runtime.mode == "latency":
+        if self.runtime.distributed and self.runtime.mode == "latency" and self.method != "exact":
             _check(self.method in LATENCY_METHODS, f"{prefix}method", self.method,
                    f"one of {list(LATENCY_METHODS)} with runtime.mode=latency (other methods: runtime.mode=throughput "
                    f"or runtime.backend=none)")
@@ -179,9 +179,12 @@ class GenerateConfig:
         _refuse_changed(self.cache, CacheConfig(), f"{prefix}cache.", "the default with method=exact (its knobs are "
                         "exact.window, exact.adaptive, exact.max_window, exact.draft, exact.order, exact.eta)")
         _refuse_changed(self.peer, PeerConfig(), f"{prefix}peer.", "the default with method=exact")
-        _check(not self.runtime.distributed, f"{prefix}runtime.backend", self.runtime.backend,
-               "none with method=exact (its verification is one batched call in this process; the worker "
-               "pool is not wired for it yet)")
+        _check(self.runtime.backend in ("none", "local"), f"{prefix}runtime.backend", self.runtime.backend,
+               "none or local with method=exact (none: one batched verification call per round in this process; "
+               "local: the round's states spread over runtime.workers reference workers; ray and torchrun are "
+               "not wired for exact mode yet)")
+        _check(self.runtime.mode == "latency", f"{prefix}runtime.mode", self.runtime.mode,
+               "latency with method=exact (the workers verify a round's drafted states)")
 
     @property
     def effective_batch_size(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from .config import GenerateConfig, config_to_dict
 from .engine.config import PEER_METHODS
 from .calibrate import calibration_for
 from .engine.accounting import summarize
-from .engine.exact import ExactStats, sample_target_chain
+from .engine.exact import ExactStats, sample_exact, sample_target_chain
 from .engine.speculative import CacheStats
 from .env import environment
 from .loading import ModelBundle, load_model, scheduler_record
@@ -86,6 +87,36 @@ def cache_report(cfg: GenerateConfig, results: list, references: list, flops: di
             overhead["speculative_time_fraction_of_full_inference"] = (
                 overhead["speculative_seconds"] / max(out["reference"]["full_wall_s"], 1e-9))
     return out
+
+
+def _exact_batch(cfg: GenerateConfig, bundle: ModelBundle, args: tuple, seeds: list[int], prompts: list[str],
+                 labels: list[str], idx: list[int], guidance: float, run: dict) -> tuple[Any, Any]:
+    """One batch of ``method: exact`` and its target sampler (``reference``): verification by one
+    batched call here (``runtime.backend: none``) or spread over a local pool of reference workers."""
+    target, pool = None, None
+    if cfg.runtime.distributed:  # local: step jobs on runtime.workers threads sharing the model
+        from .runtime.exact_pool import pool_target
+        from .runtime.pool import LocalPool
+        from .runtime.run import torch_threads, worker_spec
+        from .runtime.worker import StepWorker
+
+        spec = worker_spec(cfg, [prompts[i] for i in idx] if prompts else [], [labels[i] for i in idx] if labels else [],
+                           guidance)
+        pool = LocalPool([StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, args[3], spec)]
+                         * cfg.runtime.workers)
+        target = pool_target(pool, dtype=next(p.dtype for p in bundle.transformer.parameters() if p.is_floating_point()))
+    try:
+        with (torch_threads(cfg.runtime.threads_per_worker) if pool is not None else contextlib.nullcontext()):
+            result = sample_exact(*args, seeds, cfg.exact, progress=run["progress"], desc=run["desc"], target=target)
+            result.exact.pool_jobs = pool.stats.jobs if pool is not None else 0
+            reference = None
+            if cfg.reference:  # the target sampler exact mode reproduces in law, on the same pool
+                reference = sample_target_chain(*args, seeds, cfg.exact.eta, progress=run["progress"],
+                                                desc=run["desc"].replace("exact", "target sampler"), target=target)
+    finally:
+        if pool is not None:
+            pool.close()
+    return result, reference
 
 
 def exact_report(cfg: GenerateConfig, results: list, references: list, latents: torch.Tensor) -> dict[str, Any]:
@@ -252,22 +283,23 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
         calibration, calibration_info = calibration_for(bundle, cfg.cache, cfg.steps, shape, guidance, log=log,
                                                         progress=progress)
     with GpuTelemetry() as telemetry:
-        if rt.distributed:
+        if rt.distributed and cfg.method != "exact":
             results, references, tokens, runtime = _run_distributed(cfg, bundle, shape, prompts, labels, guidance,
                                                                      seeds, progress, log, cond_all, calibration)
-        for k, idx in enumerate([] if rt.distributed else batches):
+        for k, idx in enumerate([] if rt.distributed and cfg.method != "exact" else batches):
             cond = cond_all.select(torch.tensor(idx))
             tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
             noise = initial_noise(shape, [seeds[i] for i in idx])
             run = dict(progress=progress, desc=f"batch {k + 1}/{len(batches)} {cfg.method}")
             args = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, cfg.steps)
             batch_seeds = [seeds[i] for i in idx]
-            results.append(run_method(cfg.method, *args, cache=cfg.cache, peer=cfg.peer, calibration=calibration,
-                                      seeds=batch_seeds, exact=cfg.exact, **run))
-            if cfg.method == "exact" and cfg.reference:  # the target sampler exact mode reproduces in law
-                references.append(sample_target_chain(*args, batch_seeds, cfg.exact.eta, progress=progress,
-                                                      desc=f"batch {k + 1}/{len(batches)} target sampler"))
-            elif cfg.method != "full" and cfg.reference:
+            if cfg.method == "exact":
+                result, reference = _exact_batch(cfg, bundle, args, batch_seeds, prompts, labels, idx, guidance, run)
+                results.append(result)
+                references += [reference] if reference is not None else []
+                continue
+            results.append(run_method(cfg.method, *args, cache=cfg.cache, peer=cfg.peer, calibration=calibration, **run))
+            if cfg.method != "full" and cfg.reference:
                 run["desc"] = f"batch {k + 1}/{len(batches)} full (reference)"
                 references.append(run_method("full", *args, **run))
     latents = torch.cat([r.latents for r in results])
@@ -278,6 +310,12 @@ def _sample_job(cfg: GenerateConfig, progress: bool,
     nfe = sum(r.nfe * r.latents.shape[0] for r in results) / cfg.num_samples
     if cfg.method == "exact":
         caching = {"exact": exact_report(cfg, results, references, latents)}
+        if rt.distributed:
+            caching["exact"]["verification"] = {
+                "backend": rt.backend, "workers": rt.workers, "jobs": sum(r.exact.pool_jobs for r in results),
+                "emulate_step_s": rt.emulate_step_s, "emulated": rt.emulate_step_s > 0,
+                "note": "jobs: exact mode's verifications, one step job per drafted state on a reference worker "
+                        "(threads of this process); the target sampler then ran on the same pool, one job per step"}
         log(exact_summary(caching["exact"], cfg.steps))
     elif not rt.distributed:
         caching = cache_report(cfg, results, references, flops, latents, pixels, bundle)

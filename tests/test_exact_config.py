@@ -23,6 +23,7 @@ from specdist.generate import run_generate
     (["method=exact", "cache.interval=5"], "cache.interval"),  # cache knobs do not apply to exact
     (["method=exact", "peer.fbcache_threshold=0.1"], "peer.fbcache_threshold"),
     (["method=exact", "runtime.backend=ray"], "runtime.backend"),
+    (["method=exact", "runtime.backend=local", "runtime.mode=throughput"], "runtime.mode"),
     (["method=speca", "exact.window=8"], "exact.window"),  # exact knobs do not apply to other methods
 ])
 def test_invalid_or_inapplicable_fields_are_refused_naming_the_field(overrides, key):

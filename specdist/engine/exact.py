@@ -3,8 +3,10 @@
 Per sample, one round from the committed state ``x_s`` at step ``s``:
 
 1. **Draft** ``L`` transitions: ``x̃_s = x_s``; for ``j = 0..L−1`` (step ``k = s + j``) the draft
-   output ``d_k`` (:class:`OutputDraft`: the newest committed target output, or its Taylor
-   forecast to step ``k``) gives ``m^p_k = m_k(x̃_k, d_k)`` and ``x̃_{k+1} = m^p_k + σ_k Z_k``.
+   output ``d_k`` (:class:`OutputDraft`: from the newest committed target evaluation — reused, or
+   Taylor-forecast to step ``k`` — carried as the predicted clean sample or as the raw output)
+   gives ``m^p_k = m_k(x̃_k, d_k)`` and ``x̃_{k+1} = m^p_k + σ_k Z_k``. The draft only reads
+   committed evaluations, made before this round's noise was drawn, as exactness requires.
 2. **Verify** the ``L`` drafted states ``x̃_s … x̃_{s+L−1}`` with *one* batched target call (every
    sample's window in the same call): ``m^q_k = m_k(x̃_k, F(x̃_k, t_k))``.
 3. **Accept** step ``k`` with probability ``min(1, q/p)`` (:func:`~specdist.engine.exact_math.coupled_step`);
@@ -53,6 +55,7 @@ class ExactStats:
     windows: list[list[int]]  # [samples][rounds] L of each round (target evaluations of the round)
     run_lengths: list[list[int]]  # [samples][rounds] drafts accepted in the round before its end
     batched_calls: int = 0  # target calls made (each batched over samples x window)
+    pool_jobs: int = 0  # step jobs sent to reference workers (0: verified in this process)
 
     @property
     def sequential_rounds(self) -> list[int]:
@@ -89,7 +92,8 @@ class ExactStats:
     def concat(parts: list["ExactStats"]) -> "ExactStats":
         """The stats of several batches as one (samples in order)."""
         return ExactStats(parts[0].steps, [o for p in parts for o in p.outcomes], [w for p in parts for w in p.windows],
-                          [r for p in parts for r in p.run_lengths], sum(p.batched_calls for p in parts))
+                          [r for p in parts for r in p.run_lengths], sum(p.batched_calls for p in parts),
+                          sum(p.pool_jobs for p in parts))
 
     def as_dict(self) -> dict[str, Any]:
         """The report's ``exact`` numbers."""
