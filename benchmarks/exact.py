@@ -17,6 +17,7 @@ target sampler, and acceptance against the latent dimension (issue 13; DESIGN §
 
     python benchmarks/exact.py                 # writes benchmarks/results/exact.{md,json}
     python benchmarks/exact.py --quick         # fewer settings (a smoke run)
+    python benchmarks/exact.py --pool          # the local worker pool with an emulated step time → exact_pool.md
 """
 
 from __future__ import annotations
@@ -124,6 +125,63 @@ def dimension_rows(dims: list[int], steps: int, samples: int, log) -> list[dict[
     return rows
 
 
+def pool_rows(steps: int, workers_list: list[int], emulate_step_s: float, log) -> list[dict[str, Any]]:
+    """Measured wall clock on the runtime's local pool with an emulated step time: dit-shapes, DDPM,
+    one sample, frozen x0 draft, L = 4; the target sampler on the same pool (one job per step)."""
+    from specdist.config import load_config
+    from specdist.runtime.exact_pool import pool_target
+    from specdist.runtime.pool import LocalPool
+    from specdist.runtime.run import worker_spec
+    from specdist.runtime.worker import StepWorker
+
+    bundle = load_model("dit-shapes", device="cpu", dtype="float32", scheduler="DDPMScheduler")
+    cfg = load_config(None, ["model=dit-shapes", "num_samples=1", f"steps={steps}",
+                             f"runtime.emulate_step_s={emulate_step_s}"])
+    prompts, labels = job_inputs(cfg, bundle)
+    cond = bundle.encode([""], labels, bundle.default_guidance, 0)
+    spec = worker_spec(cfg, prompts, labels, bundle.default_guidance)
+    seeds = [0]
+    args = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, initial_noise(bundle.latent_shape(None, None,
+                                                                                                          None), seeds))
+    rows = []
+    for workers in [None, *workers_list]:
+        pool = LocalPool([StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, cond, spec)] * (workers or 1))
+        try:
+            start = time.perf_counter()
+            if workers is None:
+                sample_target_chain(*args, steps, seeds, progress=False, target=pool_target(pool))
+                row = {"variant": "target sampler", "workers": 1, "rounds": steps}
+            else:
+                result = sample_exact(*args, steps, seeds, ExactConfig(window=4), progress=False,
+                                      target=pool_target(pool))
+                row = {"variant": "exact, frozen x0, L=4", "workers": workers,
+                       "rounds": result.exact.sequential_rounds[0],
+                       "latency_units": result.exact.latency_units(workers)[0]}
+            row.update(steps=steps, emulate_step_s=emulate_step_s, wall_s=time.perf_counter() - start,
+                       jobs=pool.stats.jobs)
+        finally:
+            pool.close()
+        rows.append(row)
+        log(f"pool: {row['variant']} W={row['workers']}: wall {row['wall_s']:.1f} s, jobs {row['jobs']}")
+    return rows
+
+
+def pool_markdown(rows: list[dict], meta: dict) -> str:
+    """The committed pool table."""
+    base = rows[0]["wall_s"]
+    lines = ["# Exact mode on the runtime's local worker pool (emulated step time)", "",
+             f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`. dit-shapes, DDPMScheduler, "
+             f"{rows[0]['steps']} steps, 1 sample (seed 0). **Emulation**: every model call on a worker also waits "
+             f"`runtime.emulate_step_s` = {rows[0]['emulate_step_s']} s (spread over its blocks), standing in for a "
+             "big model's step; the workers are threads of one process sharing the zoo model, so the wait "
+             "overlaps and the zoo model's own compute does not (2 cores).", "",
+             "| sampler | workers | sequential rounds | step jobs | wall s | vs target sampler |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['workers']} | {r['rounds']} | {r['jobs']} | {r['wall_s']:.1f} | "
+                     f"{base / r['wall_s']:.2f}x |")
+    return "\n".join(lines + [""])
+
+
 def _fmt(x: Any, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -154,7 +212,11 @@ def markdown(zoo: list[dict], dims: list[dict], meta: dict) -> str:
     for r in dims:
         lines.append(f"| {r['law']} | {r['dim']} | {r['acceptance']:.3f} | {r['mean_rounds']:.1f} | "
                      f"{r['round_reduction']:.2f}x | {r['evaluations_ratio']:.2f}x |")
-    lines += ["", meta.get("notes", ""), ""]
+    lines += ["", "Reading: acceptance per step (`acceptance_per_step` in exact.json) is highest early and falls "
+              "towards the last steps, where σ_k shrinks faster than the draft error; the dimension rows show "
+              "acceptance falling steadily with D (‖Δ‖ grows like √D for a fixed per-coordinate error), not a "
+              "cliff, because most steps' per-coordinate error is tiny. Where acceptance is near 0 every round "
+              "commits one step and exact mode costs L evaluations per step for no latency gain.", ""]
     return "\n".join(lines)
 
 
@@ -163,9 +225,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: 50 steps, two variants, three dimensions")
     ap.add_argument("--samples", type=int, default=2, help="zoo samples per setting")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--pool", action="store_true", help="only the local-pool rows (emulated step time)")
+    ap.add_argument("--render", action="store_true", help="rewrite the markdown from the saved JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
+    if args.render:  # re-render the tables from the saved measurements (no new runs)
+        name = "exact_quick" if args.quick else "exact"
+        data = json.loads((Path(args.out) / f"{name}.json").read_text())
+        (Path(args.out) / f"{name}.md").write_text(markdown(data["zoo"], data["dimension"], data["meta"]))
+        return
+    if args.pool:
+        rows = pool_rows(100, [1, 2, 4, 8], 0.1, print)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": "the shared 2-core CPU",
+                "command": "python benchmarks/exact.py --pool"}
+        out = Path(args.out)
+        (out / "exact_pool.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "exact_pool.md").write_text(pool_markdown(rows, meta))
+        print(f"wrote {out / 'exact_pool.md'} ({time.perf_counter() - start:.0f} s)")
+        return
     variants = dict(list(VARIANTS.items())[:2]) if args.quick else VARIANTS
     zoo = zoo_rows("dit-shapes", [50] if args.quick else [50, 100, 250], args.samples, variants, "DDPMScheduler", {},
                    print)
