@@ -12,6 +12,8 @@ Methods (``method`` key of the job):
   the check serves a quality target (``target_psnr_db``, calibrated per model,
   :mod:`specdist.engine.target`); ``tau0`` selects a raw threshold schedule
   ``τ(p) = max(τ0·β^p, τ_min)`` instead (expert override).
+* ``exact`` — exact speculative sampling of a stochastic sampler (``exact:`` section,
+  :class:`ExactConfig`; :mod:`specdist.engine.exact`).
 """
 
 from __future__ import annotations
