@@ -93,8 +93,9 @@ def zoo_rows(model: str, steps_list: list[int], samples: int, variants: dict, sc
             row = {"model": model, "scheduler": scheduler, "dim": dim, "steps": steps, "variant": label,
                    **_summary(result, steps)}
             rows.append(row)
-            log(f"{model} {steps} steps {label}: rounds {row['mean_rounds']:.1f} ({row['round_reduction']:.2f}x fewer), "
-                f"evals {row['evaluations_ratio']:.2f}x, acceptance {row['acceptance']:.2f}, wall {row['wall_s']:.1f} s")
+            log(f"{model} {steps} steps {label}: rounds {row['mean_rounds']:.1f} "
+                f"({row['round_reduction']:.2f}x fewer), evals {row['evaluations_ratio']:.2f}x, "
+                f"acceptance {row['acceptance']:.2f}, wall {row['wall_s']:.1f} s")
     return rows
 
 
@@ -145,7 +146,8 @@ def pool_rows(steps: int, workers_list: list[int], emulate_step_s: float, log) -
                                                                                                           None), seeds))
     rows = []
     for workers in [None, *workers_list]:
-        pool = LocalPool([StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, cond, spec)] * (workers or 1))
+        worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, cond, spec)
+        pool = LocalPool([worker] * (workers or 1))
         try:
             start = time.perf_counter()
             if workers is None:
@@ -175,7 +177,8 @@ def pool_markdown(rows: list[dict], meta: dict) -> str:
              f"`runtime.emulate_step_s` = {rows[0]['emulate_step_s']} s (spread over its blocks), standing in for a "
              "big model's step; the workers are threads of one process sharing the zoo model, so the wait "
              "overlaps and the zoo model's own compute does not (2 cores).", "",
-             "| sampler | workers | sequential rounds | step jobs | wall s | vs target sampler |", "|---|---|---|---|---|---|"]
+             "| sampler | workers | sequential rounds | step jobs | wall s | vs target sampler |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['workers']} | {r['rounds']} | {r['jobs']} | {r['wall_s']:.1f} | "
                      f"{base / r['wall_s']:.2f}x |")

@@ -28,7 +28,7 @@ from .memory import configure_vae
 from .metrics.telemetry import GpuTelemetry
 from .methods import run_method
 from .report import StagedOutput, output_sha256, write_json
-from .sampling import SampleResult, initial_noise
+from .sampling import SampleResult, initial_noise, model_dtype
 
 
 def _cycled(values: list[str], n: int) -> list[str]:
@@ -100,11 +100,11 @@ def _exact_batch(cfg: GenerateConfig, bundle: ModelBundle, args: tuple, seeds: l
         from .runtime.run import torch_threads, worker_spec
         from .runtime.worker import StepWorker
 
-        spec = worker_spec(cfg, [prompts[i] for i in idx] if prompts else [], [labels[i] for i in idx] if labels else [],
-                           guidance)
+        spec = worker_spec(cfg, [prompts[i] for i in idx] if prompts else [],
+                           [labels[i] for i in idx] if labels else [], guidance)
         pool = LocalPool([StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, args[3], spec)]
                          * cfg.runtime.workers)
-        target = pool_target(pool, dtype=next(p.dtype for p in bundle.transformer.parameters() if p.is_floating_point()))
+        target = pool_target(pool, dtype=model_dtype(bundle.transformer))
     try:
         with (torch_threads(cfg.runtime.threads_per_worker) if pool is not None else contextlib.nullcontext()):
             result = sample_exact(*args, seeds, cfg.exact, progress=run["progress"], desc=run["desc"], target=target)
@@ -148,7 +148,9 @@ def exact_summary(section: dict[str, Any], steps: int) -> str:
             f"({section['round_reduction']:.2f}x fewer), {section['evaluations_ratio']:.2f}x the target's evaluations, "
             f"acceptance {sum(rates) / max(len(rates), 1):.2f}")
     if "target_sampler" in section:
-        line += f", wall {section['wall_s']:.1f} s vs {section['target_sampler']['wall_s']:.1f} s (one process)"
+        where = (f"{section['verification']['workers']} local workers" if "verification" in section
+                 else "one process, batched")
+        line += f", wall {section['wall_s']:.1f} s vs {section['target_sampler']['wall_s']:.1f} s ({where})"
     return line
 
 

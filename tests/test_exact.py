@@ -115,7 +115,8 @@ def test_a_draft_equal_to_the_target_is_always_accepted_and_reproduces_the_chain
     noise = initial_noise((3,), seeds)
     chain = sample_target_chain(model, ADAPTER, sched, ADAPTER.conditioning(3), noise, steps, seeds, target=const,
                                 progress=False)
-    out = sample_exact(model, ADAPTER, sched, ADAPTER.conditioning(3), noise, steps, seeds, ExactConfig(window=window, space="output"),
+    out = sample_exact(model, ADAPTER, sched, ADAPTER.conditioning(3), noise, steps, seeds,
+                       ExactConfig(window=window, space="output"),
                        target=const, progress=False)
     torch.testing.assert_close(out.latents, chain.latents, atol=1e-6, rtol=1e-6)
     assert all(o == [TARGET] + [ACCEPTED] * (steps - 1) for o in out.exact.outcomes)

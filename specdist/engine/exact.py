@@ -166,7 +166,8 @@ class WindowPolicy:
 
 
 def model_target(model: nn.Module, adapter: ModelAdapter, cond: Conditioning) -> TargetFn:
-    """A :data:`TargetFn` running ``model`` locally: one batched call, one timestep per state."""
+    """A :data:`TargetFn` running ``model`` locally: one batched call, one timestep per state. (The
+    schedulers exact mode supports have no input scaling: ``scale_model_input`` is the identity.)"""
     dtype = model_dtype(model)
 
     def target(states: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -208,8 +209,9 @@ def sample_exact(model: nn.Module, adapter: ModelAdapter, scheduler: Any, cond: 
     stochastic chain would, in rounds of drafted windows verified by one batched target call.
 
     ``target`` replaces the local model call (e.g. workers); ``coupling`` other than ``reflection``
-    is a deliberately broken coupling for tests (:func:`~specdist.engine.exact_math.coupled_step`). Raises :class:`~specdist.errors.ConfigError` for a deterministic
-    sampler (σ = 0) or a scheduler without Gaussian steps."""
+    is a deliberately broken coupling for tests (:func:`~specdist.engine.exact_math.coupled_step`).
+    Raises :class:`~specdist.errors.ConfigError` for a deterministic sampler (σ = 0) or a scheduler
+    without Gaussian steps."""
     device = model_device(model)
     sched = fresh_scheduler(scheduler)
     adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
