@@ -12,6 +12,11 @@ Methods (``method`` key of the job):
   the check serves a quality target (``target_psnr_db``, calibrated per model,
   :mod:`specdist.engine.target`); ``tau0`` selects a raw threshold schedule
   ``τ(p) = max(τ0·β^p, τ_min)`` instead (expert override).
+* ``specdiff`` — SpecDiff-style token-level self-speculation (:mod:`specdist.engine.tokens`): full
+  every ``interval`` steps; at the steps between, the first cached block runs for real, its
+  disagreement with the forecast (plus the forecast's own predicted change) scores every token,
+  and the tokens are split into three levels — recomputed in every later block, Taylor-forecast,
+  or reused — with the shares ``token_refresh`` / rest / ``token_reuse``. Always token level.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from dataclasses import dataclass, field
 
 from ..errors import check_value as _check
 
-CACHE_METHODS = ("fora", "taylorseer", "speca")
+CACHE_METHODS = ("fora", "taylorseer", "speca", "specdiff")
 PEER_METHODS = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-pab")
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TIME_UNITS = ("index", "timestep")
-GRANULARITIES = ("probe", "output", "block")
+GRANULARITIES = ("probe", "output", "block", "token")
 METRICS = ("rel_l1", "rel_l2", "cosine")
 CALIBRATION_MODES = ("auto", "refresh")
 DEFAULT_TARGET_PSNR_DB = 35.0
@@ -57,6 +62,19 @@ class CacheConfig:
     step measures the branch sizes; when ``max_cache_bytes`` cannot hold every block, the order is
     kept and the first blocks are left uncached (forecast as one input stream of the first cached
     block), then the order is lowered."""
+    token_refresh: float = 0.25
+    """``granularity: token`` (taylorseer) and specdiff: share of each token stream (video, text)
+    recomputed in every cached block at a step between full steps; the other tokens are forecast.
+    taylorseer refreshes a rotating, spatially spread subset (ToCa-style fixed schedule); specdiff
+    the highest-scored tokens. 1 recomputes everything (the full step, bit for bit); 0 none (the
+    block-level forecast, bit for bit)."""
+    token_reuse: float = 0.25
+    """specdiff: share of each token stream (the lowest-scored tokens) whose branches reuse their
+    last full step's value instead of the Taylor forecast; at most ``1 − token_refresh``."""
+    token_history: float = 1.0
+    """specdiff: weight of the history term of a token's score (the forecast's predicted relative
+    change since the last full step) next to the self-speculative term (the first cached block's
+    relative disagreement between its forecast and its real output at this step)."""
     probe_block: int = -1
     """speca: the block run for real to verify a forecast (negative counts from the end)."""
     metric: str = "rel_l2"
@@ -119,6 +137,14 @@ class CacheConfig:
     ``max_cache_bytes`` (uncached prefix first, then the order). The default, 192 GiB, holds every
     block of HunyuanVideo 720×1280×129f at order 1 in bf16 (117 GB) or fp8 (59 GB)."""
 
+    def resolved(self, method: str) -> "CacheConfig":
+        """This config as ``method`` runs it: specdiff always caches per token (granularity ``token``)."""
+        if method == "specdiff" and self.granularity != "token":
+            from dataclasses import replace
+
+            return replace(self, granularity="token")
+        return self
+
     @property
     def uses_target(self) -> bool:
         """Whether ``speca`` runs to a quality target (the default) rather than a τ schedule."""
@@ -137,6 +163,28 @@ class CacheConfig:
 
     def validate_for(self, method: str, prefix: str = "cache.") -> None:
         """Refuse the fields that do not apply to ``method`` (one line naming the field)."""
+        token_only = ("token_reuse", "token_history")
+        if method != "specdiff":
+            for key in token_only:
+                _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
+                       f"the default ({getattr(CacheConfig, key)}) with method={method} (it applies to specdiff)")
+        if method not in ("specdiff", "taylorseer") or (method == "taylorseer" and self.granularity != "token"):
+            _check(self.token_refresh == CacheConfig.token_refresh, f"{prefix}token_refresh", self.token_refresh,
+                   f"the default ({CacheConfig.token_refresh}) with method={method} and granularity="
+                   f"{self.granularity} (it applies to specdiff and to taylorseer with cache.granularity=token)")
+        if self.granularity == "token":
+            _check(method in ("taylorseer", "specdiff"), f"{prefix}granularity", self.granularity,
+                   f"one of {[g for g in GRANULARITIES if g != 'token']} with method={method} (token level: "
+                   f"taylorseer and specdiff)")
+        if method == "specdiff":
+            _check(self.granularity in ("block", "token"), f"{prefix}granularity", self.granularity,
+                   "token (or left at its default: specdiff is always token level)")
+            for key in ("target_psnr_db", "tau0", "beta", "tau_min"):
+                _check(getattr(self, key) is None, f"{prefix}{key}", getattr(self, key),
+                       "null with method=specdiff (its level shares are set by cache.token_refresh / token_reuse)")
+            for key in ("min_run", "probe_block", "metric"):
+                _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
+                       f"the default ({getattr(CacheConfig, key)}) with method=specdiff (it applies to speca)")
         if method in ("fora", "taylorseer"):
             for key in ("target_psnr_db", "tau0", "beta", "tau_min"):
                 _check(getattr(self, key) is None, f"{prefix}{key}", getattr(self, key),
@@ -155,6 +203,10 @@ class CacheConfig:
         _check(self.interval >= 1, f"{prefix}interval", self.interval, "an integer >= 1")
         _check(self.granularity in GRANULARITIES, f"{prefix}granularity", self.granularity,
                f"one of {list(GRANULARITIES)}")
+        _check(0.0 <= self.token_refresh <= 1.0, f"{prefix}token_refresh", self.token_refresh, "a number in [0, 1]")
+        _check(0.0 <= self.token_reuse <= 1.0 - self.token_refresh, f"{prefix}token_reuse", self.token_reuse,
+               f"a number in [0, 1 - token_refresh = {1.0 - self.token_refresh:g}]")
+        _check(self.token_history >= 0.0, f"{prefix}token_history", self.token_history, "a number >= 0")
         _check(self.metric in METRICS, f"{prefix}metric", self.metric, f"one of {list(METRICS)}")
         _check(self.tau0 is None or self.tau0 >= 0, f"{prefix}tau0", self.tau0, "null or a number >= 0")
         _check(self.beta is None or 0 < self.beta <= 100, f"{prefix}beta", self.beta, "null or a number in (0, 100]")

@@ -38,6 +38,7 @@ Features are tuples of tensors, each ``[rows, ...]``.
 from __future__ import annotations
 
 import threading
+import time as time_module
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +47,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..models.base import ModelAdapter, StreamSpec
+from ..models.base import ModelAdapter, StreamSpec, TokenBranch
 from .config import GRANULARITIES
+from .tokens import TokenPlan, mix_reuse, run_branch, split_streams, token_scores
 
 HOOK_NAME = "specdist_speculation"
 
@@ -63,6 +65,7 @@ class CallPlan:
     recorded: MutableMapping[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # measure: bytes per row of each feature
     itemsize: int = 4  # measure: bytes per element of the measured features (their compute dtype)
+    tokens: TokenPlan | None = None  # token level, speculate: the token levels of this call
 
 
 def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
@@ -122,6 +125,8 @@ class _BlockHook(ModelHook):
         return self.streams.pack(self.streams.read(args, kwargs))
 
     def _block_level(self, plan: CallPlan, run: Any, args: tuple, kwargs: dict) -> Any:
+        if plan.mode == "speculate" and plan.tokens is not None and self.index >= plan.start:
+            return self._token_level(plan, run, args, kwargs)
         if plan.mode == "measure":
             plan.sizes[f"input.{self.index}"] = _row_bytes(self.streams.read(args, kwargs))
         elif plan.mode == "record":
@@ -134,12 +139,34 @@ class _BlockHook(ModelHook):
         return run(*args, **kwargs)
 
 
+    def _token_level(self, plan: CallPlan, run: Any, args: tuple, kwargs: dict) -> Any:
+        tokens = plan.tokens
+        if plan.start > 0 and self.index == plan.start:
+            args, kwargs = self.streams.replace(args, kwargs, plan.forecast["entry_in"])
+        spec = self.owner.token_specs[self.index]
+        tokens.lengths = {name: t.shape[1] for name, t in zip(spec.streams, self.streams.read(args, kwargs))}
+        output = run(*args, **kwargs)
+        if self.index == tokens.spec_block:  # self-speculation: score every token from this block
+            began = time_module.perf_counter()
+            true, pred, base = {}, {}, {}
+            for name in self.owner.branches[self.index]:
+                key, branch = branch_key(self.index, name), spec.branches[name]
+                for target, values in ((true, plan.recorded.pop(key)), (pred, plan.forecast[key]),
+                                       (base, plan.forecast.base(key))):
+                    for stream, parts in split_streams(values, branch, tokens.lengths).items():
+                        target.setdefault(stream, []).extend(parts)
+            tokens.select({s: token_scores(true[s], pred[s], base[s], tokens.history) for s in true})
+            tokens.select_seconds += time_module.perf_counter() - began
+        return output
+
+
 class _BranchHook(ModelHook):
     """On a residual-branch submodule: record its output, or return its forecast."""
 
-    def __init__(self, owner: "SpeculationHooks", block: int, name: str) -> None:
+    def __init__(self, owner: "SpeculationHooks", block: int, name: str, token: TokenBranch | None = None) -> None:
         super().__init__()
         self.owner, self.block, self.key = owner, block, branch_key(block, name)
+        self.token = token
         self.is_tuple = False
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -147,6 +174,16 @@ class _BranchHook(ModelHook):
         run = self.fn_ref.original_forward
         if plan.mode == "off" or self.block < plan.start:
             return run(*args, **kwargs)
+        if plan.mode == "speculate" and plan.tokens is not None:
+            if self.block == plan.tokens.spec_block:  # runs for real; the block hook scores its tokens
+                output = run(*args, **kwargs)
+                plan.recorded[self.key] = _tensors(output)
+                return output
+            forecast = plan.forecast[self.key]
+            if plan.tokens.reuse:
+                forecast = mix_reuse(forecast, plan.forecast.base(self.key), self.token, plan.tokens)
+            return run_branch(self.token, self.owner.adapter, module, run, args, kwargs, plan.tokens, forecast,
+                              self.is_tuple)
         if plan.mode == "speculate" and not (plan.verify and self.block == self.owner.probe):
             forecast = plan.forecast[self.key]
             return tuple(forecast) if self.is_tuple else forecast[0]
@@ -168,9 +205,10 @@ class _SkipHook(ModelHook):
     materialised. The shapes come from the last computed call with the same input shapes.
     """
 
-    def __init__(self, owner: "SpeculationHooks", block: int) -> None:
+    def __init__(self, owner: "SpeculationHooks", block: int, token: TokenBranch | None = None) -> None:
         super().__init__()
         self.owner, self.block = owner, block
+        self.token = token
         self.shapes: dict[tuple, tuple] = {}  # input signature -> (output shapes[1:-1], dtypes, is_tuple)
 
     @staticmethod
@@ -180,6 +218,10 @@ class _SkipHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.owner.current
         run = self.fn_ref.original_forward
+        if plan.mode == "speculate" and plan.tokens is not None and self.block >= plan.start:
+            if self.block == plan.tokens.spec_block:
+                return run(*args, **kwargs)
+            return run_branch(self.token, self.owner.adapter, module, run, args, kwargs, plan.tokens, None, False)
         inputs = self._tensors_in(args, kwargs)
         sig = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
         known = self.shapes.get(sig)
@@ -217,7 +259,10 @@ class SpeculationHooks:
             raise ValueError(f"probe_block {probe_block} out of range for {n} blocks")
         self.probe = probe_block % n
         self.last = n - 1
-        self.block_level = granularity == "block"
+        self.block_level = granularity in ("block", "token")
+        self.token_level = granularity == "token"
+        self.adapter = adapter
+        self.token_specs = [adapter.token_spec(model, i) for i in range(n)] if self.token_level else []
         self._plans = threading.local()  # one plan per calling thread: the hooks are reentrant
         self._hooked: list[nn.Module] = []
         self.branches: list[tuple[str, ...]] = []
@@ -231,10 +276,14 @@ class SpeculationHooks:
                     if not isinstance(getattr(block, name, None), nn.Module):
                         raise ValueError(f"{adapter.model_class} block {i} has no submodule {name!r} "
                                          f"(branch spec {spec})")
+                tokens = self.token_specs[i].branches if self.token_level else {}
+                missing = [name for name in (*spec.cached, *spec.skipped) if self.token_level and name not in tokens]
+                if missing:
+                    raise ValueError(f"{adapter.model_class} block {i}: no token-level rule for {missing}")
                 for name in spec.cached:
-                    self._register(getattr(block, name), _BranchHook(self, i, name))
+                    self._register(getattr(block, name), _BranchHook(self, i, name, tokens.get(name)))
                 for name in spec.skipped:
-                    self._register(getattr(block, name), _SkipHook(self, i))
+                    self._register(getattr(block, name), _SkipHook(self, i, tokens.get(name)))
                 self.branches.append(spec.cached)
         except BaseException:  # a refused model keeps no hook
             self.remove()
@@ -273,7 +322,7 @@ class SpeculationHooks:
         return plan
 
     def plan(self, mode: str, verify: bool = True, forecast: Mapping | None = None, start: int = 0,
-             recorded: MutableMapping | None = None) -> CallPlan:
+             recorded: MutableMapping | None = None, tokens: TokenPlan | None = None) -> CallPlan:
         """Set what this thread's next model call does; returns the plan the hooks will fill.
 
         ``forecast`` and ``recorded`` may be any mappings: the block level passes a lazy
@@ -282,7 +331,7 @@ class SpeculationHooks:
         goes into the cache at once), so a call never holds every block's features at the same time."""
         self._plans.plan = CallPlan(mode=mode, verify=verify, start=start,
                                     forecast={} if forecast is None else forecast,
-                                    recorded={} if recorded is None else recorded)
+                                    recorded={} if recorded is None else recorded, tokens=tokens)
         return self._plans.plan
 
     def remove(self) -> None:

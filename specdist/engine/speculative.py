@@ -39,6 +39,7 @@ from .config import CacheConfig
 from .cache_memory import plan_block_cache, storage_for
 from .forecast import CacheStorage, RecordSink, TaylorCache
 from .hooks import SpeculationHooks
+from .tokens import TokenPlan, call_cost, level_shares
 from .decision import Rule, forecaster_time, make_rule
 from .verify import combine_rows, forecast_error, threshold
 
@@ -59,6 +60,10 @@ class CacheStats:
     probed: list[int] = field(default_factory=list)  # per sample: speculative steps the probe checked
     extra: dict = field(default_factory=dict)
     rule: dict = field(default_factory=dict)  # the rule's summary (per-sample lists, then scalars)
+    token_cost: list[float] = field(default_factory=list)  # token level, per sample: full forwards' FLOPs spent speculating
+    token_levels: list[list[tuple[int, float, float, float]]] = field(default_factory=list)
+    """token level, per sample: (step, recompute, forecast, reuse shares) of each speculative step"""
+    select_seconds: float = 0.0  # token level: wall time of scoring and selecting tokens
 
     @staticmethod
     def concat(parts: list["CacheStats"]) -> "CacheStats":
@@ -76,6 +81,9 @@ class CacheStats:
             extra={k: (max if k.endswith("_bytes") else min)(p.extra[k] for p in parts) for k in parts[0].extra},
             rule={k: ([x for p in parts for x in p.rule[k]] if isinstance(v, list) else v)
                   for k, v in parts[0].rule.items()},
+            token_cost=[c for p in parts for c in p.token_cost],
+            token_levels=[lv for p in parts for lv in p.token_levels],
+            select_seconds=sum(p.select_seconds for p in parts),
         )
 
     def per_sample(self) -> list[dict]:
@@ -167,6 +175,10 @@ class SpeculativeStepper:
         self.run_len = torch.zeros(samples, dtype=torch.long)
         self.stats = CacheStats([[] for _ in range(samples)], [[] for _ in range(samples)], [], 0,
                                 _effective_order(method, cfg), probed=[0] * samples)
+        if self.token_level:
+            self.stats.token_cost = [0.0] * samples
+            self.stats.token_levels = [[] for _ in range(samples)]
+        self._step = 0
 
     @property
     def lite(self) -> bool:
@@ -176,7 +188,26 @@ class SpeculativeStepper:
     @property
     def block_level(self) -> bool:
         """Whether every block's residual branches are cached (``granularity: block``)."""
-        return self.cfg.granularity == "block"
+        return self.cfg.granularity in ("block", "token")
+
+    @property
+    def token_level(self) -> bool:
+        """Whether the steps between full ones compute selected tokens (``granularity: token``)."""
+        return self.cfg.granularity == "token"
+
+    def _token_plan(self, group: torch.Tensor) -> TokenPlan:
+        cfg = self.cfg
+        if self.method == "specdiff":
+            return TokenPlan(cfg.token_refresh, cfg.token_reuse, cfg.token_history, spec_block=self.start)
+        return TokenPlan(cfg.token_refresh, phase=self.run_len[group].repeat(self.branches))
+
+    def _book_tokens(self, group: torch.Tensor, tokens: TokenPlan) -> None:
+        cost = call_cost(self.hooks.model, tokens, self.start)
+        shares = level_shares(tokens)
+        for sample in group.tolist():
+            self.stats.token_cost[sample] += cost
+            self.stats.token_levels[sample].append((self._step, *shares))
+        self.stats.select_seconds += tokens.select_seconds
 
     @property
     def uses_probe(self) -> bool:
@@ -254,9 +285,12 @@ class SpeculativeStepper:
         per-sample verifier error, NaN without ``verify``)."""
         forecast = self._forecast(group, time)
         if self.uses_probe and (verify or not self.lite):
-            plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start)
+            tokens = self._token_plan(group) if self.token_level else None
+            plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start, tokens=tokens)
             o = call(group)
             self.stats.spec_calls += 1
+            if tokens is not None:
+                self._book_tokens(group, tokens)
         if self.lite:  # the forecast is the output (unverified lite: no model call at all)
             o = forecast["output"][0]
         if not verify:
@@ -273,6 +307,7 @@ class SpeculativeStepper:
         speculates with or without the check, which forecasts are accepted; a rejected forecast is
         recomputed fully at the same state (rollback)."""
         rule, b, stats = self.rule, self.samples, self.stats
+        self._step = i
         stats.thresholds.append(rule.threshold(i) if self.verify else None)
         full = rule.must_compute(i, self.run_len, self._ready())
         errors: list[float | None] = [None] * b
@@ -369,13 +404,14 @@ def sample_cached(
     calibration: Calibration | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> CachedResult:
-    """Sample with a caching method (``fora``, ``taylorseer`` or ``speca``); see the module doc.
+    """Sample with a caching method (``fora``, ``taylorseer``, ``speca`` or ``specdiff``); see the module doc.
 
     ``calibration``: the model's calibration, needed by ``speca`` with a quality target (see
     :func:`specdist.engine.calibration.ensure_calibration`). ``threshold_fn(step) -> τ`` replaces
     the decisions by that threshold schedule (ablations, tests); ``cache_cls`` is the forecaster
     class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step.
     """
+    cfg = cfg.resolved(method)
     device, dtype = model_device(model), model_dtype(model)
     sched = fresh_scheduler(scheduler)
     adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
