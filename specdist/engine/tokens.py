@@ -125,6 +125,7 @@ class TokenPlan:
     phase: torch.Tensor | None = None  # [rows] steps since the last full step - 1 (fixed schedule)
     spec_block: int | None = None
     lengths: dict[str, int] = field(default_factory=dict)  # stream -> tokens
+    context_tokens: int = 0  # tokens of a conditioning sequence attended to, never refreshed (PixArt's text)
     index: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> [rows, k] sorted
     reuse: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> [rows, n] bool
     select_seconds: float = 0.0
@@ -238,7 +239,7 @@ def call_cost(model: Any, plan: TokenPlan, start: int) -> float:
     (:func:`specdist.metrics.flops.token_block_flops`)."""
     from ..metrics.flops import block_flops, flops_breakdown, token_block_flops
 
-    n, t = plan.lengths.get("video", 0), plan.lengths.get("text", 0)
+    n, t = plan.lengths.get("video", 0), plan.lengths.get("text", plan.context_tokens)
     counts = plan.counts()
     kv, kt = counts.get("video", (0, 0))[0], counts.get("text", (0, 0))[0]
     full = flops_breakdown(model, n, t)

@@ -105,10 +105,13 @@ class TokenBranch:
 @dataclass(frozen=True)
 class TokenSpec:
     """Token-level facts of one block: the names of its input streams (in :class:`StreamSpec`
-    order), and how each branch submodule of its :class:`BranchSpec` runs on selected tokens."""
+    order), how each branch submodule of its :class:`BranchSpec` runs on selected tokens, and
+    ``context``: the keyword argument of a conditioning sequence that is attended to but never
+    refreshed (PixArt's text), whose length the FLOP count needs."""
 
     streams: tuple[str, ...]
     branches: dict[str, TokenBranch]
+    context: str | None = None
 
 
 EncodedPrompts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
@@ -341,9 +344,10 @@ def basic_block_tokens(block: nn.Module) -> TokenSpec:
     self-attention takes its queries from the selected tokens (:func:`basic_self_attention`), the
     cross-attention and the feed-forward are row-wise."""
     branches = {"attn1": TokenBranch("attention"), "ff": TokenBranch("rows")}
-    if getattr(block, "attn2", None) is not None:
+    cross = getattr(block, "attn2", None) is not None
+    if cross:
         branches["attn2"] = TokenBranch("rows")
-    return TokenSpec(streams=("video",), branches=branches)
+    return TokenSpec(streams=("video",), branches=branches, context="encoder_hidden_states" if cross else None)
 
 
 def basic_self_attention(run: Any, args: tuple, kwargs: dict, index: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
