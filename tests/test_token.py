@@ -23,7 +23,7 @@ from specdist.errors import ConfigError
 from specdist.metrics.flops import block_flops, forward_flops, token_block_flops
 from specdist.sampling import initial_noise, sample_full
 
-TOKEN_FAMILIES = ["dit", "pixart", "hunyuan_video"]
+TOKEN_FAMILIES = ["dit", "pixart", "hunyuan_video", "wan"]
 STEPS = 7
 
 
@@ -130,7 +130,7 @@ def test_unselected_tokens_run_no_query_output_or_mlp_rows(family, specdiff):
         assert kv_rows == b * 2 * (n + t)
         assert rows["proj_out"] == b * (k + kt) and rows["proj_mlp"] == b * (k + kt)
     else:
-        n_attn = 1 + (family == "pixart")  # pixart: cross-attention queries are rows too
+        n_attn = 1 + (family in ("pixart", "wan"))  # cross-attention queries are rows too
         full_blocks, partial_blocks = (1, 1) if specdiff else (0, 2)
         assert q_rows == b * n_attn * (n * full_blocks + k * partial_blocks)
         assert mlp_rows == 2 * b * (n * full_blocks + k * partial_blocks)  # ff.net.0.proj and ff.net.2
@@ -204,10 +204,10 @@ def test_config_errors_name_the_field(override, needle):
     assert needle in str(info.value)
 
 
-def test_specdiff_defaults_validate_and_wan_is_refused_clearly():
+def test_specdiff_defaults_validate_and_flux_is_refused_clearly():
     cfg = load_config(None, ["method=specdiff"])
     assert cfg.cache.resolved("specdiff").granularity == "token"
     load_config(None, ["method=taylorseer", "cache.granularity=token", "cache.token_refresh=0.5"])
-    model, adapter, *_ = _setup("wan")
+    model, adapter, *_ = _setup("flux")
     with pytest.raises(NotImplementedError, match="token-level caching"):
         SpeculationHooks(model, adapter, granularity="token")

@@ -145,7 +145,10 @@ class _BlockHook(ModelHook):
             args, kwargs = self.streams.replace(args, kwargs, plan.forecast["entry_in"])
         spec = self.owner.token_specs[self.index]
         tokens.lengths = {name: t.shape[1] for name, t in zip(spec.streams, self.streams.read(args, kwargs))}
-        context = kwargs.get(spec.context) if spec.context else None
+        context = None
+        if spec.context is not None:
+            name, pos = spec.context
+            context = kwargs.get(name, args[pos] if len(args) > pos else None)
         tokens.context_tokens = 0 if context is None else context.shape[1]
         output = run(*args, **kwargs)
         if self.index == tokens.spec_block:  # self-speculation: score every token from this block

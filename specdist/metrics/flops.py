@@ -232,6 +232,8 @@ def flops_breakdown(model: Any, video_tokens: int, text_tokens: int, *,
 #   PixArt       the same self-attention, cross-attention [2 lin(k, D, D) + 2 lin(T, Dc, D) + attn(k, T)], ff(k)
 #   dual-stream  2 lin(1, D, 6D) + [2 lin(k, D, D) + 2 lin(kt, D, D) + 2 lin(N, D, D) + 2 lin(T, D, D)
 #                + attn(k + kt, S)] + mlp(k, D, M, D) + mlp(kt, D, M, D)
+#   Wan          [2 lin(k, D, D) + 2 lin(N, D, D) + attn(k, N) + 2 lin(k, D, D) + 2 lin(T, D, D) + attn(k, T)]
+#                + mlp(k, D, F, D)   (text-to-video; the modulation is a table)
 #   single       lin(1, D, 3D) + [lin(s, D, D) + 2 lin(S, D, D) + attn(s, S)] + lin(s, D, M) + lin(s, D + M, D),
 #                s = k + kt
 
@@ -279,9 +281,19 @@ def _dual_stream_tokens(model: Any, n: int, t: int, k: int, kt: int, mlp_ratio: 
             + [_single_tokens(n, t, k, kt, d, m)] * c.num_single_layers)
 
 
+def _wan_tokens(model: Any, n: int, t: int, k: int, kt: int) -> list[int]:
+    c = model.config
+    d = c.num_attention_heads * c.attention_head_dim
+    block = _mlp(k, d, c.ffn_dim, d)
+    if k:
+        block += 2 * _lin(k, d, d) + 2 * _lin(n, d, d) + _attn(k, n, d) + 2 * _lin(k, d, d) + 2 * _lin(t, d, d) + _attn(k, t, d)
+    return [block] * c.num_layers
+
+
 _TOKEN_FAMILIES: Mapping[str, Callable[[Any, int, int, int, int], list[int]]] = MappingProxyType({
     "DiTTransformer2DModel": _dit_tokens,
     "PixArtTransformer2DModel": _pixart_tokens,
+    "WanTransformer3DModel": _wan_tokens,
     "HunyuanVideoTransformer3DModel": lambda m, n, t, k, kt: _dual_stream_tokens(m, n, t, k, kt, m.config.mlp_ratio),
 })
 

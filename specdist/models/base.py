@@ -111,7 +111,7 @@ class TokenSpec:
 
     streams: tuple[str, ...]
     branches: dict[str, TokenBranch]
-    context: str | None = None
+    context: tuple[str, int] | None = None  # (keyword, positional index) in the block's call
 
 
 EncodedPrompts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
@@ -347,7 +347,7 @@ def basic_block_tokens(block: nn.Module) -> TokenSpec:
     cross = getattr(block, "attn2", None) is not None
     if cross:
         branches["attn2"] = TokenBranch("rows")
-    return TokenSpec(streams=("video",), branches=branches, context="encoder_hidden_states" if cross else None)
+    return TokenSpec(streams=("video",), branches=branches, context=("encoder_hidden_states", 2) if cross else None)
 
 
 def basic_self_attention(run: Any, args: tuple, kwargs: dict, index: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
