@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_adapters import FAMILIES, _setup
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from specdist.config import load_config
@@ -76,32 +77,35 @@ class _Features(dict):
         return self[name]
 
 
-def _matmul_rows(x: torch.Tensor, out: torch.Tensor) -> int:
-    # A Linear that carries a token hook itself (proj_mlp, proj_out) is seen from outside its hook:
-    # proj_mlp gathers its selected rows inside (in: every row, out: the selected ones), proj_out
-    # scatters into its forecast inside (in: the selected rows, out: every row). Its matmul ran on
-    # the smaller of the two; for every other Linear they are equal.
-    return min(x.shape[:-1].numel(), out.shape[:-1].numel())
+class _MatmulRows(TorchDispatchMode):
+    """Rows through each block Linear's weight, counted at the op itself (``linear`` / ``mm`` /
+    ``addmm`` whose weight operand is that Linear's weight), so a gather or scatter around the call in a
+    hook cannot hide what ran."""
 
+    def __init__(self, model, adapter) -> None:
+        super().__init__()
+        lists = tuple(f"{name}." for name in adapter.block_lists(model))
+        self.names = {mod.weight.data_ptr(): name.split(".", 2)[-1] for name, mod in model.named_modules()
+                      if isinstance(mod, torch.nn.Linear) and name.startswith(lists)}
+        self.rows: dict[str, int] = {}
 
-def _count_rows(model, adapter):
-    rows: dict[str, int] = {}
-    handles = []
-    lists = tuple(f"{name}." for name in adapter.block_lists(model))
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.startswith(lists):
-            leaf = name.split(".", 2)[-1]
-            handles.append(mod.register_forward_hook(
-                lambda m, i, o, leaf=leaf: rows.__setitem__(leaf, rows.get(leaf, 0) + _matmul_rows(i[0], o))))
-    return rows, handles
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = getattr(func, "overloadpacket", None)
+        ops = {torch.ops.aten.linear: (0, 1), torch.ops.aten.mm: (0, 1), torch.ops.aten.addmm: (1, 2)}
+        if packet in ops:
+            x, w = (args[i] for i in ops[packet])
+            name = self.names.get(w.data_ptr())
+            if name is not None:
+                self.rows[name] = self.rows.get(name, 0) + x.shape[:-1].numel()
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("family", TOKEN_FAMILIES)
-@pytest.mark.parametrize("specdiff", [False, True])
-def test_unselected_tokens_run_no_query_output_or_mlp_rows(family, specdiff):
+@pytest.mark.parametrize("specdiff,kv", [(False, "compute"), (True, "compute"), (False, "forecast"), (True, "forecast")])
+def test_unselected_tokens_run_no_query_output_or_mlp_rows(family, specdiff, kv):
     model, adapter, _, cond, latents = _setup(family)
     b = latents.shape[0]
-    hooks = SpeculationHooks(model, adapter, granularity="token")
+    hooks = SpeculationHooks(model, adapter, granularity="token", token_kv=kv)
     call = lambda: adapter.forward(model, latents, torch.tensor(500), cond.kwargs, cond.extra)
     try:
         with torch.inference_mode():
@@ -111,10 +115,9 @@ def test_unselected_tokens_run_no_query_output_or_mlp_rows(family, specdiff):
             tokens = (TokenPlan(0.25, 0.25, 1.0, spec_block=0) if specdiff
                       else TokenPlan(0.25, phase=torch.zeros(b, dtype=torch.long)))
             hooks.plan("speculate", verify=False, forecast=feats, tokens=tokens)
-            rows, handles = _count_rows(model, adapter)
-            call()
-            for h in handles:
-                h.remove()
+            with _MatmulRows(model, adapter) as counter:
+                call()
+            rows = counter.rows
     finally:
         hooks.remove()
     n, t = tokens.lengths["video"], tokens.lengths.get("text", 0)
@@ -127,12 +130,14 @@ def test_unselected_tokens_run_no_query_output_or_mlp_rows(family, specdiff):
     if family == "hunyuan_video":  # one dual block (video + text), then one single block ([video, text])
         dual_q, single_q = (n + t if specdiff else k + kt), k + kt
         assert q_rows == b * (dual_q + single_q)
-        assert kv_rows == b * 2 * (n + t)
+        assert kv_rows == b * (2 * (n + t) if kv == "compute" else dual_q + single_q)
         assert rows["proj_out"] == b * (k + kt) and rows["proj_mlp"] == b * (k + kt)
     else:
         n_attn = 1 + (family in ("pixart", "wan"))  # cross-attention queries are rows too
         full_blocks, partial_blocks = (1, 1) if specdiff else (0, 2)
         assert q_rows == b * n_attn * (n * full_blocks + k * partial_blocks)
+        self_kv = sum(v for key, v in rows.items() if key.endswith("attn1.to_k"))
+        assert self_kv == b * (n * full_blocks + (n if kv == "compute" else k) * partial_blocks)
         assert mlp_rows == 2 * b * (n * full_blocks + k * partial_blocks)  # ff.net.0.proj and ff.net.2
 
 
@@ -151,7 +156,8 @@ def test_specdiff_sample_does_not_depend_on_its_batch_mates(family):
 
 @pytest.mark.parametrize("family", TOKEN_FAMILIES)
 @pytest.mark.parametrize("method,knobs", [("taylorseer", {"granularity": "token", "token_refresh": 0.3}),
-                                          ("specdiff", {"token_refresh": 0.3, "token_reuse": 0.2})])
+                                          ("specdiff", {"token_refresh": 0.3, "token_reuse": 0.2}),
+                                          ("specdiff", {"token_refresh": 0.3, "token_kv": "compute"})])
 def test_booked_flops_match_torch_flop_counter_over_a_generation(family, method, knobs):
     model, adapter, shape, cond, _ = _setup(family, 1)
     n, t = adapter.token_counts(model, shape, cond)
@@ -197,6 +203,8 @@ def test_selection_rules():
     (["method=specdiff", "cache.tau0=0.1"], "'cache.tau0'"),
     (["method=specdiff", "cache.min_run=2"], "'cache.min_run'"),
     (["method=specdiff", "cache.token_history=-1"], "'cache.token_history'"),
+    (["method=specdiff", "cache.token_kv=cached"], "'cache.token_kv': 'cached' (allowed: one of ['forecast', 'compute'])"),
+    (["method=speca", "cache.token_kv=compute"], "'cache.token_kv'"),
 ])
 def test_config_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError) as info:

@@ -30,6 +30,7 @@ CACHE_METHODS = ("fora", "taylorseer", "speca", "specdiff")
 PEER_METHODS = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-pab")
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TIME_UNITS = ("index", "timestep")
+TOKEN_KV = ("forecast", "compute")
 GRANULARITIES = ("probe", "output", "block", "token")
 METRICS = ("rel_l1", "rel_l2", "cosine")
 CALIBRATION_MODES = ("auto", "refresh")
@@ -75,6 +76,12 @@ class CacheConfig:
     """specdiff: weight of the history term of a token's score (the forecast's predicted relative
     change since the last full step) next to the self-speculative term (the first cached block's
     relative disagreement between its forecast and its real output at this step)."""
+    token_kv: str = "forecast"
+    """``granularity: token`` (taylorseer) and specdiff: keys and values of the tokens that are not
+    recomputed. ``forecast``: cached and Taylor-forecast like the branches (every key/value
+    projection runs on the selected rows only; the cache holds two more tensors per attention);
+    ``compute``: projected from the block's current input for every token (exact for its input,
+    no extra cache, costs two projections of every token per block)."""
     probe_block: int = -1
     """speca: the block run for real to verify a forecast (negative counts from the end)."""
     metric: str = "rel_l2"
@@ -169,9 +176,10 @@ class CacheConfig:
                 _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
                        f"the default ({getattr(CacheConfig, key)}) with method={method} (it applies to specdiff)")
         if method not in ("specdiff", "taylorseer") or (method == "taylorseer" and self.granularity != "token"):
-            _check(self.token_refresh == CacheConfig.token_refresh, f"{prefix}token_refresh", self.token_refresh,
-                   f"the default ({CacheConfig.token_refresh}) with method={method} and granularity="
-                   f"{self.granularity} (it applies to specdiff and to taylorseer with cache.granularity=token)")
+            for key in ("token_refresh", "token_kv"):
+                _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
+                       f"the default ({getattr(CacheConfig, key)}) with method={method} and granularity="
+                       f"{self.granularity} (it applies to specdiff and to taylorseer with cache.granularity=token)")
         if self.granularity == "token":
             _check(method in ("taylorseer", "specdiff"), f"{prefix}granularity", self.granularity,
                    f"one of {[g for g in GRANULARITIES if g != 'token']} with method={method} (token level: "
@@ -206,6 +214,7 @@ class CacheConfig:
         _check(0.0 <= self.token_refresh <= 1.0, f"{prefix}token_refresh", self.token_refresh, "a number in [0, 1]")
         _check(0.0 <= self.token_reuse <= 1.0 - self.token_refresh, f"{prefix}token_reuse", self.token_reuse,
                f"a number in [0, 1 - token_refresh = {1.0 - self.token_refresh:g}]")
+        _check(self.token_kv in TOKEN_KV, f"{prefix}token_kv", self.token_kv, f"one of {list(TOKEN_KV)}")
         _check(self.token_history >= 0.0, f"{prefix}token_history", self.token_history, "a number >= 0")
         _check(self.metric in METRICS, f"{prefix}metric", self.metric, f"one of {list(METRICS)}")
         _check(self.tau0 is None or self.tau0 >= 0, f"{prefix}tau0", self.tau0, "null or a number >= 0")

@@ -47,9 +47,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..models.base import ModelAdapter, StreamSpec, TokenBranch
+from ..models.base import ModelAdapter, StreamSpec, TokenBranch, gather_rows
 from .config import GRANULARITIES
-from .tokens import TokenPlan, mix_reuse, run_branch, split_streams, token_scores
+from .tokens import TokenPlan, mix_reuse, run_branch, scatter_rows, split_streams, token_scores
 
 HOOK_NAME = "specdist_speculation"
 
@@ -202,6 +202,34 @@ class _BranchHook(ModelHook):
         return output
 
 
+class _KVHook(ModelHook):
+    """Token level, ``token_kv: forecast``: on a key or value projection of an attention. Full
+    steps record its output (a cached feature like a branch); at a partial block only the selected
+    tokens' rows are projected and scattered into the forecast keys/values of every token."""
+
+    def __init__(self, owner: "SpeculationHooks", block: int, path: str, stream: str) -> None:
+        super().__init__()
+        self.owner, self.block, self.key, self.stream = owner, block, branch_key(block, path), stream
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = self.owner.current
+        run = self.fn_ref.original_forward
+        if plan.mode == "off" or self.block < plan.start:
+            return run(*args, **kwargs)
+        if plan.mode == "speculate":
+            if plan.tokens is None or self.block == plan.tokens.spec_block:
+                return run(*args, **kwargs)
+            idx = plan.tokens.stream_index(self.stream)
+            x = args[0] if args else kwargs["input"]
+            return scatter_rows(plan.forecast[self.key][0], idx, run(gather_rows(x, idx)))
+        output = run(*args, **kwargs)
+        if plan.mode == "measure":
+            plan.sizes[self.key] = _row_bytes((output,))
+        else:
+            plan.recorded[self.key] = (output,)
+        return output
+
+
 class _SkipHook(ModelHook):
     """On a submodule that only feeds a forecast branch: skip it on forecast steps.
 
@@ -254,7 +282,7 @@ class SpeculationHooks:
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, probe_block: int = -1,
-                 granularity: str = "probe") -> None:
+                 granularity: str = "probe", token_kv: str = "forecast") -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r} (allowed: {', '.join(GRANULARITIES)})")
         self.model = model
@@ -271,6 +299,7 @@ class SpeculationHooks:
         self._plans = threading.local()  # one plan per calling thread: the hooks are reentrant
         self._hooked: list[nn.Module] = []
         self.branches: list[tuple[str, ...]] = []
+        self.kv: list[tuple[str, ...]] = []  # token level, token_kv forecast: cached key/value projections
         try:
             for i, block in enumerate(blocks):
                 self._register(block, _BlockHook(self, i, adapter.stream_spec(model, i)))
@@ -290,6 +319,11 @@ class SpeculationHooks:
                 for name in spec.skipped:
                     self._register(getattr(block, name), _SkipHook(self, i, tokens.get(name)))
                 self.branches.append(spec.cached)
+                kv = self.token_specs[i].kv if self.token_level and token_kv == "forecast" else {}
+                for path, stream in kv.items():
+                    sub = block.get_submodule(path)
+                    self._register(sub, _KVHook(self, i, path, stream))
+                self.kv.append(tuple(kv))
         except BaseException:  # a refused model keeps no hook
             self.remove()
             raise
@@ -304,7 +338,8 @@ class SpeculationHooks:
         cached block (block level)."""
         if self.block_level:
             entry = ("entry_in",) if start > 0 else ()
-            return entry + tuple(branch_key(k, name) for k in range(start, self.last + 1) for name in self.branches[k])
+            return entry + tuple(branch_key(k, name) for k in range(start, self.last + 1)
+                                 for name in (*self.branches[k], *self.kv[k]))
         return ("probe_in", "last_out") if self.probe == self.last else ("probe_in", "probe_out", "last_out")
 
     def verified_features(self) -> tuple[str, ...]:

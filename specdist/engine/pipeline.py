@@ -255,7 +255,7 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
         except ConfigError as err:
             raise SpecdistError(f"specdist.enable: {err}") from None
     try:
-        blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
+        blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity, cfg.token_kv)
     except (ValueError, NotImplementedError) as err:
         raise SpecdistError(f"specdist.enable: {err}") from None
     if method == "speca" and cfg.uses_target and calibration is None:

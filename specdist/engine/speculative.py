@@ -197,9 +197,11 @@ class SpeculativeStepper:
 
     def _token_plan(self, group: torch.Tensor) -> TokenPlan:
         cfg = self.cfg
+        kv = cfg.token_kv == "forecast"
         if self.method == "specdiff":
-            return TokenPlan(cfg.token_refresh, cfg.token_reuse, cfg.token_history, spec_block=self.start)
-        return TokenPlan(cfg.token_refresh, phase=self.run_len[group].repeat(self.branches))
+            return TokenPlan(cfg.token_refresh, cfg.token_reuse, cfg.token_history, spec_block=self.start,
+                             kv_forecast=kv)
+        return TokenPlan(cfg.token_refresh, phase=self.run_len[group].repeat(self.branches), kv_forecast=kv)
 
     def _book_tokens(self, group: torch.Tensor, tokens: TokenPlan) -> None:
         cost = call_cost(self.hooks.model, tokens, self.start)
@@ -421,7 +423,7 @@ def sample_cached(
     b = noise.shape[0]
     guided = cond.uncond_kwargs is not None and cond.guidance_scale > 1.0
     train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
-    hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
+    hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity, cfg.token_kv)
     rule = make_rule(method, cfg, steps, b, calibration=calibration, threshold_fn=threshold_fn)
     stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, rule=rule, cache_cls=cache_cls)
     start = time_module.perf_counter()

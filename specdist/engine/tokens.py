@@ -129,6 +129,7 @@ class TokenPlan:
     index: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> [rows, k] sorted
     reuse: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> [rows, n] bool
     select_seconds: float = 0.0
+    kv_forecast: bool = False  # keys/values of unselected tokens forecast (cache.token_kv) rather than projected
 
     def stream_index(self, stream: str) -> torch.Tensor:
         """``[rows, k]`` selected positions of ``stream`` (``joint``: video, then text + N)."""
@@ -243,7 +244,7 @@ def call_cost(model: Any, plan: TokenPlan, start: int) -> float:
     counts = plan.counts()
     kv, kt = counts.get("video", (0, 0))[0], counts.get("text", (0, 0))[0]
     full = flops_breakdown(model, n, t)
-    partial = token_block_flops(model, n, t, kv, kt)
+    partial = token_block_flops(model, n, t, kv, kt, kv_forecast=plan.kv_forecast)
     whole = block_flops(model, n, t)
     blocks = sum(whole[b] if b == plan.spec_block else partial[b] for b in range(start, len(partial)))
     return (full["embed_and_head"] + blocks) / full["total"]

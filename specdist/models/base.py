@@ -112,6 +112,10 @@ class TokenSpec:
     streams: tuple[str, ...]
     branches: dict[str, TokenBranch]
     context: tuple[str, int] | None = None  # (keyword, positional index) in the block's call
+    kv: dict[str, str] = field(default_factory=dict)
+    """Key and value projections of the block's self-/joint attention (submodule path → the
+    stream of their input rows): with ``cache.token_kv: forecast`` they are cached like branches
+    and run on the selected tokens only."""
 
 
 EncodedPrompts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
@@ -347,7 +351,8 @@ def basic_block_tokens(block: nn.Module) -> TokenSpec:
     cross = getattr(block, "attn2", None) is not None
     if cross:
         branches["attn2"] = TokenBranch("rows")
-    return TokenSpec(streams=("video",), branches=branches, context=("encoder_hidden_states", 2) if cross else None)
+    return TokenSpec(streams=("video",), branches=branches, context=("encoder_hidden_states", 2) if cross else None,
+                     kv={"attn1.to_k": "video", "attn1.to_v": "video"})
 
 
 def basic_self_attention(run: Any, args: tuple, kwargs: dict, index: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:

@@ -46,10 +46,13 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         both = ("video", "text")
         if index < len(model.transformer_blocks):
             return TokenSpec(both, {"attn": TokenBranch("attention", both), "ff": TokenBranch("rows", ("video",)),
-                                    "ff_context": TokenBranch("rows", ("text",))})
+                                    "ff_context": TokenBranch("rows", ("text",))},
+                             kv={"attn.to_k": "video", "attn.to_v": "video", "attn.add_k_proj": "text",
+                                 "attn.add_v_proj": "text"})
         return TokenSpec(both, {"attn": TokenBranch("attention", both), "proj_mlp": TokenBranch("rows", ("joint",)),
                                 "act_mlp": TokenBranch("pass", ("joint",)),
-                                "proj_out": TokenBranch("gathered", ("joint",))})
+                                "proj_out": TokenBranch("gathered", ("joint",))},
+                         kv={"attn.to_k": "joint", "attn.to_v": "joint"})
 
     def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
         from .hunyuan_tokens import joint_attention_subset

@@ -43,7 +43,8 @@ class WanAdapter(ModelAdapter):
         if model.config.added_kv_proj_dim is not None:
             raise NotImplementedError("Wan I2V (image cross-attention): token-level caching is not supported")
         return TokenSpec(("video",), {"attn1": TokenBranch("attention"), "attn2": TokenBranch("rows"),
-                                      "ffn": TokenBranch("rows")}, context=("encoder_hidden_states", 1))
+                                      "ffn": TokenBranch("rows")}, context=("encoder_hidden_states", 1),
+                         kv={"attn1.to_k": "video", "attn1.to_v": "video"})
 
     def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
         from .wan_tokens import self_attention_subset
