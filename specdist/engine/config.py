@@ -73,9 +73,9 @@ class CacheConfig:
     """specdiff: share of each token stream (the lowest-scored tokens) whose branches reuse their
     last full step's value instead of the Taylor forecast; at most ``1 − token_refresh``."""
     token_history: float = 1.0
-    """specdiff: weight of the history term of a token's score (the forecast's predicted relative
-    change since the last full step) next to the self-speculative term (the first cached block's
-    relative disagreement between its forecast and its real output at this step)."""
+    """specdiff: weight of the history term of a token's score (steps since the token was last
+    computed) next to the self-speculative term (the first cached block's relative disagreement
+    between its forecast and its real output at this step, divided by its mean over the tokens)."""
     token_kv: str = "forecast"
     """``granularity: token`` (taylorseer) and specdiff: keys and values of the tokens that are not
     recomputed. ``forecast``: cached and Taylor-forecast like the branches (every key/value

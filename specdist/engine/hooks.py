@@ -153,14 +153,13 @@ class _BlockHook(ModelHook):
         output = run(*args, **kwargs)
         if self.index == tokens.spec_block:  # self-speculation: score every token from this block
             began = time_module.perf_counter()
-            true, pred, base = {}, {}, {}
+            true, pred = {}, {}
             for name in self.owner.branches[self.index]:
                 key, branch = branch_key(self.index, name), spec.branches[name]
-                for target, values in ((true, plan.recorded.pop(key)), (pred, plan.forecast[key]),
-                                       (base, plan.forecast.base(key))):
+                for target, values in ((true, plan.recorded.pop(key)), (pred, plan.forecast[key])):
                     for stream, parts in split_streams(values, branch, tokens.lengths).items():
                         target.setdefault(stream, []).extend(parts)
-            tokens.select({s: token_scores(true[s], pred[s], base[s], tokens.history) for s in true})
+            tokens.select({s: token_scores(true[s], pred[s], tokens.age.get(s), tokens.history) for s in true})
             tokens.select_seconds += time_module.perf_counter() - began
         return output
 

@@ -179,6 +179,7 @@ class SpeculativeStepper:
             self.stats.token_cost = [0.0] * samples
             self.stats.token_levels = [[] for _ in range(samples)]
         self._step = 0
+        self.token_age: dict[str, torch.Tensor] = {}  # specdiff: stream -> [rows, n] steps since last computed
 
     @property
     def lite(self) -> bool:
@@ -199,11 +200,23 @@ class SpeculativeStepper:
         cfg = self.cfg
         kv = cfg.token_kv == "forecast"
         if self.method == "specdiff":
+            rows = self.rows_of(group)
             return TokenPlan(cfg.token_refresh, cfg.token_reuse, cfg.token_history, spec_block=self.start,
-                             kv_forecast=kv)
+                             kv_forecast=kv, age={s: a[rows] for s, a in self.token_age.items()})
         return TokenPlan(cfg.token_refresh, phase=self.run_len[group].repeat(self.branches), kv_forecast=kv)
 
+    def _age_tokens(self, group: torch.Tensor, tokens: TokenPlan) -> None:
+        """specdiff: one step older for every token of ``group``, 0 for the recomputed ones."""
+        rows = self.rows_of(group)
+        for stream, n in tokens.lengths.items():
+            age = self.token_age.setdefault(stream, torch.zeros((self.samples * self.branches, n)))
+            grown = age[rows] + 1
+            grown.scatter_(1, tokens.stream_index(stream).cpu(), 0.0)
+            age[rows] = grown
+
     def _book_tokens(self, group: torch.Tensor, tokens: TokenPlan) -> None:
+        if self.method == "specdiff":
+            self._age_tokens(group, tokens)
         cost = call_cost(self.hooks.model, tokens, self.start)
         shares = level_shares(tokens)
         for sample in group.tolist():
@@ -328,6 +341,8 @@ class SpeculativeStepper:
             out[redo.to(o.device)] = o
             self.run_len[redo] = 0
             rule.observe_full(redo)
+            for age in self.token_age.values():
+                age[self.rows_of(redo)] = 0.0
         for sample in range(b):
             stats.errors[sample].append(errors[sample])
         if i == steps - 1:

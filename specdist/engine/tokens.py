@@ -19,14 +19,15 @@ Two selections:
   every token is refreshed once per ``N / k`` steps; no reuse level; zero selection cost.
 * :func:`token_scores` + :func:`levels` (``specdiff``, self-speculation): the first cached block
   runs for real on every token (cost 1/L of a step, and that block is then exact); a token's
-  score is its relative disagreement there between the forecast and the real branch outputs —
-  information from *this* step, the "speculative pass" of SpecDiff — plus ``token_history`` × the
-  forecast's predicted relative change since the last full step (history). The top
-  ``token_refresh`` share is recomputed in every later block, the bottom ``token_reuse`` share
-  reused, the rest forecast. One selection per step (not per block) keeps the overhead to one
-  sort per stream. Why these choices: the first block's disagreement is the cheapest real signal
-  of where the forecast is wrong at this step, and tokens that move a lot are the ones a Taylor
-  forecast extrapolates furthest; tokens that barely move lose nothing by reuse.
+  score is its relative disagreement there between the forecast and the real branch outputs
+  (normalised by the row's mean) — information from *this* step, the "speculative pass" of
+  SpecDiff — plus ``token_history`` × the steps since the token was last computed (history).
+  The top ``token_refresh`` share is recomputed in every later block, the bottom ``token_reuse``
+  share reused, the rest forecast. One selection per step (not per block) keeps the overhead to
+  one sort per stream. Why these choices: the first block's disagreement is the cheapest real
+  signal of where the forecast is wrong at this step; the age term keeps a few high-error tokens
+  from taking every refresh (measured on the tuning models: a pure error ranking lost to the
+  fixed rotation, which refreshes every token in turn); tokens that barely move lose least by reuse.
 
 Counts per stream are fixed (``round(share × tokens)``), so a batch's rows have equal shapes, and
 every row is scored and selected on its own: a sample's result does not depend on its batch mates.
@@ -75,17 +76,18 @@ def _per_token_sq(x: torch.Tensor) -> torch.Tensor:
     return x.float().pow(2).flatten(2).sum(-1)  # [rows, n]
 
 
-def token_scores(true: list[torch.Tensor], pred: list[torch.Tensor], base: list[torch.Tensor],
+def token_scores(true: list[torch.Tensor], pred: list[torch.Tensor], age: torch.Tensor | None,
                  history: float, eps: float = 1e-12) -> torch.Tensor:
-    """``[rows, n]`` score per token of one stream: relative L2 disagreement of the forecast
-    ``pred`` with the real outputs ``true`` (summed over the block's branches, each ``[rows, n, ...]``)
-    plus ``history`` × the forecast's relative change from the last full step ``base``."""
+    """``[rows, n]`` score per token of one stream: the relative L2 disagreement of the forecast
+    ``pred`` with the real outputs ``true`` (summed over the block's branches, each
+    ``[rows, n, ...]``), divided by its mean over the row, plus ``history`` × ``age [rows, n]``
+    (steps since the token was last computed)."""
     err = sum(_per_token_sq(t - p) for t, p in zip(true, pred))
     ref = sum(_per_token_sq(t) for t in true)
     score = torch.sqrt(err / (ref + eps))
-    if history:
-        move = sum(_per_token_sq(p - b) for p, b in zip(pred, base))
-        score = score + history * torch.sqrt(move / (sum(_per_token_sq(b) for b in base) + eps))
+    score = score / (score.mean(dim=1, keepdim=True) + eps)
+    if history and age is not None:
+        score = score + history * age.to(score.device, score.dtype)
     return score
 
 
@@ -128,6 +130,7 @@ class TokenPlan:
     context_tokens: int = 0  # tokens of a conditioning sequence attended to, never refreshed (PixArt's text)
     index: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> [rows, k] sorted
     reuse: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> [rows, n] bool
+    age: dict[str, torch.Tensor] = field(default_factory=dict)  # stream -> [rows, n] steps since last computed
     select_seconds: float = 0.0
     kv_forecast: bool = False  # keys/values of unselected tokens forecast (cache.token_kv) rather than projected
 
