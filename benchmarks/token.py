@@ -6,8 +6,7 @@ Per model: speedup in FLOPs (what the engine booked as really run) and in wall t
 mean and worst-sample PSNR against full compute from the same seeds; the share of tokens at each
 level (recompute / forecast / reuse) over the trajectory; and the token selection's overhead
 (scoring and sorting; wall time) as a share of full inference. Knobs were chosen on dit-shapes and
-hunyuan-shapes-video only; wan-shapes is held out (and has no token-level support yet, so it only
-gets its block-level rows).
+hunyuan-shapes-video only; wan-shapes is held out (same sweep, reported as untuned).
 
     python benchmarks/token.py                 # writes benchmarks/results/token.{md,json} and token_levels.png
     python benchmarks/token.py --samples 2 --steps 20 --models dit-shapes   # a quick look
@@ -32,16 +31,15 @@ from typing import Any
 from specdist.bench import BenchConfig, bench_model
 from specdist.env import environment
 
-TOKEN_MODELS = ("dit-shapes", "hunyuan-shapes-video")
-"""Zoo models whose adapters support ``cache.granularity: token``."""
+TOKEN_MODELS = ("dit-shapes", "hunyuan-shapes-video", "wan-shapes")
+"""Zoo models whose adapters support ``cache.granularity: token`` (all three; wan-shapes untuned)."""
 
 SWEEP_TOKEN: dict[str, list[dict[str, list]]] = {
-    "specdiff": [{"cache.interval": [3, 4, 5], "cache.token_refresh": [0.25], "cache.token_reuse": [0.25]},
-                 {"cache.interval": [4], "cache.token_refresh": [0.1, 0.4], "cache.token_reuse": [0.25]},
-                 {"cache.interval": [4], "cache.token_refresh": [0.25], "cache.token_reuse": [0.0]}],
-    "taylorseer": [{"cache.granularity": ["token"], "cache.interval": [3, 4, 5], "cache.token_refresh": [0.25]},
+    "specdiff": [{"cache.interval": [4, 5, 6], "cache.token_refresh": [0.1, 0.25]},
+                 {"cache.interval": [4], "cache.token_refresh": [0.25], "cache.token_reuse": [0.1]}],
+    "taylorseer": [{"cache.granularity": ["token"], "cache.interval": [4, 5], "cache.token_refresh": [0.1, 0.25]},
                    {"cache.granularity": ["block"], "cache.interval": [2, 3, 4, 5]}],
-    "speca": [{"cache.target_psnr_db": [30, 33, 36]}],
+    "speca": [{"cache.target_psnr_db": [30, 36]}],
 }
 SWEEP_BLOCK_ONLY = {k: v for k, v in SWEEP_TOKEN.items() if k == "speca"} | {
     "taylorseer": [{"cache.granularity": ["block"], "cache.interval": [2, 3, 4, 5]}]}
@@ -105,8 +103,7 @@ def _plot(models: list[dict], path: Path) -> str | None:
     except ImportError:
         return None
     shown = [(m, r) for m in models for r in m["rows"] if r["method"] == "specdiff"
-             and r["knobs"].get("cache.interval") == 4 and r["knobs"].get("cache.token_refresh") == 0.25
-             and r["knobs"].get("cache.token_reuse") == 0.25]
+             and r["knobs"] == {"cache.interval": 4, "cache.token_refresh": 0.25, "cache.token_reuse": 0.1}]
     if not shown:
         return None
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 3.4), squeeze=False)
@@ -133,7 +130,7 @@ def _plot(models: list[dict], path: Path) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["dit-shapes", "hunyuan-shapes-video", "wan-shapes"])
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
