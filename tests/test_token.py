@@ -219,3 +219,25 @@ def test_specdiff_defaults_validate_and_flux_is_refused_clearly():
     model, adapter, *_ = _setup("flux")
     with pytest.raises(NotImplementedError, match="token-level caching"):
         SpeculationHooks(model, adapter, granularity="token")
+
+
+def test_specdiff_in_a_stock_hunyuan_video_pipeline():
+    """The diffusers drop-in (:func:`specdist.enable`) runs specdiff; refreshing every token gives
+    the stock pipeline's output exactly, a partial refresh books its token steps."""
+    import specdist
+    from test_enable_pipeline import run_hunyuan
+    from tiny_pipelines import hunyuan_video_pipe
+
+    from specdist.engine.pipeline import last_stats
+
+    pipe = hunyuan_video_pipe(num_layers=1, num_single_layers=2)
+    stock = run_hunyuan(pipe)
+    for refresh, exact in ((1.0, True), (0.25, False)):
+        specdist.enable(pipe, "specdiff", CacheConfig(interval=3, token_refresh=refresh))
+        try:
+            out = run_hunyuan(pipe)
+            stats = last_stats(pipe)["cond"]
+        finally:
+            specdist.disable(pipe)
+        assert torch.equal(out, stock) == exact
+        assert "A" in stats.decisions[0] and all(c > 0 for c in stats.token_cost)

@@ -32,6 +32,16 @@ block ``start``):
   verification on, the probe block's branches run for real and are kept for comparison with their
   forecasts.
 
+Granularity ``token`` (:mod:`~specdist.engine.tokens`; the same features as ``block``, plus, with
+``cache.token_kv: forecast``, each attention's key and value projections): ``measure`` and
+``record`` as at block level. ``speculate`` with a :class:`~specdist.engine.tokens.TokenPlan`:
+each block hook records the lengths of its token streams; specdiff's self-speculation block runs
+for real and scores the tokens; every later block runs its norms and modulation on every token
+while each branch submodule runs on the selected tokens only (the adapter's
+:class:`~specdist.models.base.TokenSpec` says how: row-wise, or attention with queries from the
+selected tokens) and scatters them into its forecast; a key/value projection hook projects the
+selected rows and scatters them into the forecast keys/values.
+
 Features are tuples of tensors, each ``[rows, ...]``.
 """
 
