@@ -59,6 +59,19 @@ def test_refreshing_no_token_is_the_block_level_forecast_bit_for_bit(family):
 
 
 @pytest.mark.parametrize("family", TOKEN_FAMILIES)
+def test_token_level_speca_checks_the_refreshed_rows(family):
+    # threshold 0: every check fails and is rolled back -> the full trajectory, bit for bit
+    strict = _run(family, "speca", granularity="token", tau0=0.0, beta=1.0, token_refresh=0.25, max_run=2)
+    assert torch.equal(strict.latents, _full(family))
+    assert "R" in strict.stats.decisions[0] and "A" not in strict.stats.decisions[0]
+    assert all(e is None or e > 0 for e in strict.stats.errors[0])
+    # no threshold: every forecast accepted -> token-level taylorseer on the same schedule
+    loose = _run(family, "speca", granularity="token", tau0=1e9, beta=1.0, token_refresh=0.25, max_run=2)
+    fixed = _run(family, "taylorseer", granularity="token", token_refresh=0.25)
+    assert loose.stats.decisions == fixed.stats.decisions and torch.equal(loose.latents, fixed.latents)
+
+
+@pytest.mark.parametrize("family", TOKEN_FAMILIES)
 def test_a_partial_refresh_lies_between_and_specdiff_books_its_levels(family):
     full = _full(family)
     err = lambda x: float((x - full).norm() / full.norm())
@@ -193,7 +206,8 @@ def test_selection_rules():
 
 
 @pytest.mark.parametrize("override,needle", [
-    (["method=speca", "cache.granularity=token"], "'cache.granularity': 'token'"),
+    (["method=speca", "cache.granularity=token"], "'cache.tau0': None"),
+    (["method=speca", "cache.granularity=token", "cache.tau0=0.1", "cache.token_refresh=0"], "'cache.token_refresh': 0"),
     (["method=fora", "cache.granularity=token"], "'cache.granularity': 'token'"),
     (["method=taylorseer", "cache.token_reuse=0.1"], "'cache.token_reuse'"),
     (["method=taylorseer", "cache.token_refresh=0.5"], "'cache.token_refresh'"),
@@ -205,6 +219,7 @@ def test_selection_rules():
     (["method=specdiff", "cache.token_history=-1"], "'cache.token_history'"),
     (["method=specdiff", "cache.token_kv=cached"], "'cache.token_kv': 'cached' (allowed: one of ['forecast', 'compute'])"),
     (["method=speca", "cache.token_kv=compute"], "'cache.token_kv'"),
+    (["method=speca", "cache.granularity=token", "cache.tau0=0.1", "cache.token_reuse=0.1"], "'cache.token_reuse'"),
 ])
 def test_config_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError) as info:

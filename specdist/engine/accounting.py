@@ -40,6 +40,7 @@ def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block
     tokens = {}
     if stats.token_cost:  # token level: what the partial calls really ran (engine.tokens.call_cost)
         spec_flops = sum(stats.token_cost) / n
+        verification = 0.0  # speca's check reads the probe block's refreshed rows: nothing extra runs
         shares = [lv[1:] for per_sample in stats.token_levels for lv in per_sample]
         tokens = {"token_level": {
             "mean_shares": {name: sum(s[k] for s in shares) / max(len(shares), 1)

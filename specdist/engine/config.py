@@ -180,15 +180,21 @@ class CacheConfig:
             for key in token_only:
                 _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
                        f"the default ({getattr(CacheConfig, key)}) with method={method} (it applies to specdiff)")
-        if method not in ("specdiff", "taylorseer") or (method == "taylorseer" and self.granularity != "token"):
+        if method != "specdiff" and self.granularity != "token":
             for key in ("token_refresh", "token_kv"):
                 _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
                        f"the default ({getattr(CacheConfig, key)}) with method={method} and granularity="
-                       f"{self.granularity} (it applies to specdiff and to taylorseer with cache.granularity=token)")
+                       f"{self.granularity} (it applies to specdiff and to cache.granularity=token)")
         if self.granularity == "token":
-            _check(method in ("taylorseer", "specdiff"), f"{prefix}granularity", self.granularity,
+            _check(method in ("taylorseer", "speca", "specdiff"), f"{prefix}granularity", self.granularity,
                    f"one of {[g for g in GRANULARITIES if g != 'token']} with method={method} (token level: "
-                   f"taylorseer and specdiff)")
+                   f"taylorseer, speca and specdiff)")
+        if method == "speca" and self.granularity == "token":
+            _check(self.tau0 is not None, f"{prefix}tau0", self.tau0,
+                   "a number >= 0 with cache.granularity=token (speca's quality-target calibration is block "
+                   "level; at token level it verifies the refreshed tokens against a threshold schedule)")
+            _check(self.token_refresh > 0, f"{prefix}token_refresh", self.token_refresh,
+                   "a number in (0, 1] with method=speca (its check reads the refreshed tokens)")
         if method == "specdiff":
             _check(self.granularity in ("block", "token"), f"{prefix}granularity", self.granularity,
                    "token (or left at its default: specdiff is always token level)")

@@ -196,8 +196,15 @@ class _BranchHook(ModelHook):
             forecast = plan.forecast[self.key]
             if plan.tokens.reuse:
                 forecast = mix_reuse(forecast, plan.forecast.base(self.key), self.token, plan.tokens)
-            return run_branch(self.token, self.owner.adapter, module, run, args, kwargs, plan.tokens, forecast,
-                              self.is_tuple)
+            output = run_branch(self.token, self.owner.adapter, module, run, args, kwargs, plan.tokens, forecast,
+                                self.is_tuple)
+            if plan.verify and self.block == self.owner.probe:  # speca at token level: check the refreshed rows
+                streams = self.token.streams
+                plan.recorded[self.key] = tuple(gather_rows(t, plan.tokens.stream_index(s))
+                                                for t, s in zip(_tensors(output), streams))
+                plan.recorded[f"forecast:{self.key}"] = tuple(gather_rows(f, plan.tokens.stream_index(s))
+                                                              for f, s in zip(forecast, streams))
+            return output
         if plan.mode == "speculate" and not (plan.verify and self.block == self.owner.probe):
             forecast = plan.forecast[self.key]
             return tuple(forecast) if self.is_tuple else forecast[0]

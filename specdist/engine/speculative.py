@@ -203,6 +203,7 @@ class SpeculativeStepper:
             rows = self.rows_of(group)
             return TokenPlan(cfg.token_refresh, cfg.token_reuse, cfg.token_history, spec_block=self.start,
                              kv_forecast=kv, age={s: a[rows] for s, a in self.token_age.items()})
+        # taylorseer, speca: the ToCa-style rotation (speca checks the probe block's refreshed rows)
         return TokenPlan(cfg.token_refresh, phase=self.run_len[group].repeat(self.branches), kv_forecast=kv)
 
     def _age_tokens(self, group: torch.Tensor, tokens: TokenPlan) -> None:
@@ -312,7 +313,9 @@ class SpeculativeStepper:
             return o, torch.full((len(group),), float("nan"), device=o.device)
         names = self.hooks.verified_features()
         true = torch.cat([s.flatten(1) for n in names for s in plan.recorded[n]], dim=1)
-        pred = torch.cat([s.flatten(1) for n in names for s in forecast[n]], dim=1)
+        # token level: the probe block's refreshed rows against their forecasts (no extra compute)
+        pred_of = (lambda n: plan.recorded[f"forecast:{n}"]) if self.token_level else (lambda n: forecast[n])
+        pred = torch.cat([s.flatten(1) for n in names for s in pred_of(n)], dim=1)
         return o, combine_rows(forecast_error(pred, true, self.cfg.metric), len(group))
 
     def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
