@@ -31,25 +31,20 @@ from typing import Any
 from specdist.bench import BenchConfig, bench_model
 from specdist.env import environment
 
-TOKEN_MODELS = ("dit-shapes", "hunyuan-shapes-video", "wan-shapes")
-"""Zoo models whose adapters support ``cache.granularity: token`` (all three; wan-shapes untuned)."""
-
 SWEEP_TOKEN: dict[str, list[dict[str, list]]] = {
     "specdiff": [{"cache.interval": [4, 5, 6], "cache.token_refresh": [0.1, 0.25]},
                  {"cache.interval": [4], "cache.token_refresh": [0.25], "cache.token_reuse": [0.1]}],
     "taylorseer": [{"cache.granularity": ["token"], "cache.interval": [4, 5], "cache.token_refresh": [0.1, 0.25]},
                    {"cache.granularity": ["block"], "cache.interval": [2, 3, 4, 5]}],
-    "speca": [{"cache.target_psnr_db": [30, 36]}],
+    "speca": [{"cache.target_psnr_db": [30, 36]},
+              {"cache.granularity": ["token"], "cache.token_refresh": [0.25], "cache.tau0": [0.05, 0.1, 0.3],
+               "cache.beta": [1.0], "cache.max_run": [6]}],
 }
-SWEEP_BLOCK_ONLY = {k: v for k, v in SWEEP_TOKEN.items() if k == "speca"} | {
-    "taylorseer": [{"cache.granularity": ["block"], "cache.interval": [2, 3, 4, 5]}]}
 
 
 def _label(row: dict) -> str:
     knobs = {k.removeprefix("cache."): v for k, v in row["knobs"].items()}
     level = knobs.pop("granularity", "token" if row["method"] == "specdiff" else "block")
-    if row["method"] == "speca":
-        level = "block"
     parts = ", ".join(f"{k} {v}" for k, v in knobs.items())
     return f"{row['method']} ({level}{', ' if parts else ''}{parts})"
 
@@ -82,7 +77,10 @@ def _best_at(model: dict, floor: float) -> list[str]:
                         and r["knobs"].get("cache.granularity") == "token"),
                        ("taylorseer block", lambda r: r["method"] == "taylorseer"
                         and r["knobs"].get("cache.granularity") == "block"),
-                       ("speca block", lambda r: r["method"] == "speca")):
+                       ("speca token", lambda r: r["method"] == "speca"
+                        and r["knobs"].get("cache.granularity") == "token"),
+                       ("speca block", lambda r: r["method"] == "speca"
+                        and r["knobs"].get("cache.granularity", "block") == "block")):
         ok = [r for r in model["rows"] if pick(r) and not isinstance(r["psnr_db"]["worst"], str)
               and r["psnr_db"]["worst"] >= floor]
         if not ok:
@@ -137,8 +135,7 @@ def main() -> None:
     began = time.perf_counter()
     models = []
     for name in args.models:
-        sweep = SWEEP_TOKEN if name in TOKEN_MODELS else SWEEP_BLOCK_ONLY
-        cfg = BenchConfig(models=[name], steps=args.steps, num_samples=args.samples, sweep=sweep,
+        cfg = BenchConfig(models=[name], steps=args.steps, num_samples=args.samples, sweep=SWEEP_TOKEN,
                           untuned=["wan-shapes"], device="cpu")
         cfg.validate()
         result = bench_model(cfg, name, progress=False)
