@@ -256,3 +256,15 @@ def test_specdiff_in_a_stock_hunyuan_video_pipeline():
             specdist.disable(pipe)
         assert torch.equal(out, stock) == exact
         assert "A" in stats.decisions[0] and all(c > 0 for c in stats.token_cost)
+
+
+@pytest.mark.parametrize("method,knobs", [("taylorseer", {"granularity": "token"}), ("specdiff", {})])
+def test_the_cache_byte_budget_holds_at_token_level(method, knobs):
+    """Keys/values are cached features too: the budget leaves the first blocks uncached (then the
+    spec block is the first cached one) and the run stays within it."""
+    whole = _run("hunyuan_video", method, **knobs)
+    cap = int(whole.stats.cache_bytes * 0.7)
+    capped = _run("hunyuan_video", method, max_cache_bytes=cap, **knobs)
+    assert capped.stats.cache_bytes <= cap < whole.stats.cache_bytes
+    assert capped.stats.extra["cached_blocks"] < whole.stats.extra["cached_blocks"]
+    assert torch.isfinite(capped.latents).all() and "A" in capped.stats.decisions[0]
