@@ -62,12 +62,15 @@ class CacheConfig:
     branches with them (speca: the probe block's branches run for real and verify). The first full
     step measures the branch sizes; when ``max_cache_bytes`` cannot hold every block, the order is
     kept and the first blocks are left uncached (forecast as one input stream of the first cached
-    block), then the order is lowered."""
+    block), then the order is lowered. ``token`` (taylorseer, speca with ``tau0``; specdiff always):
+    as ``block``, but at the steps between full steps a share of the tokens (``token_refresh``) runs
+    through every cached block's branches for real, the others are forecast
+    (:mod:`specdist.engine.tokens`); speca checks the probe block's refreshed rows."""
     token_refresh: float = 0.25
-    """``granularity: token`` (taylorseer) and specdiff: share of each token stream (video, text)
-    recomputed in every cached block at a step between full steps; the other tokens are forecast.
-    taylorseer refreshes a rotating, spatially spread subset (ToCa-style fixed schedule); specdiff
-    the highest-scored tokens. 1 recomputes everything (the full step, bit for bit); 0 none (the
+    """``granularity: token`` (taylorseer, speca) and specdiff: share of each token stream (video,
+    text) recomputed in every cached block at a step between full steps; the other tokens are
+    forecast. taylorseer and speca refresh a rotating, spatially spread subset (ToCa-style fixed
+    schedule); specdiff the highest-scored tokens. 1 recomputes everything (the full step, bit for bit); 0 none (the
     block-level forecast, bit for bit)."""
     token_reuse: float = 0.0
     """specdiff: share of each token stream (the lowest-scored tokens) whose branches reuse their
@@ -82,7 +85,7 @@ class CacheConfig:
     0.5 measured best of {0, 0.5, 2} on dit-shapes (worst 20.1 / 24.1 / 20.8 dB) and near best on
     hunyuan-shapes-video (31.4 / 32.6 / 33.0 dB)."""
     token_kv: str = "forecast"
-    """``granularity: token`` (taylorseer) and specdiff: keys and values of the tokens that are not
+    """``granularity: token`` (taylorseer, speca) and specdiff: keys and values of the tokens that are not
     recomputed. ``forecast``: cached and Taylor-forecast like the branches (every key/value
     projection runs on the selected rows only; the cache holds two more tensors per attention);
     ``compute``: projected from the block's current input for every token (exact for its input,

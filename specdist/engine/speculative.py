@@ -19,7 +19,10 @@ For each step ``i`` at time ``s_i`` and each sample ``b`` of the batch:
 Only the samples that need it are computed in 2 and 3 (sub-batches), so an easy sample costs
 less than a hard one, and a sample's decisions do not depend on its batch mates. The accept mask
 is the only host synchronisation of a step. Fixed-interval methods (``fora``, ``taylorseer``) run
-the same loop with the probe skipped and every forecast accepted.
+the same loop with the probe skipped and every forecast accepted. At ``token`` granularity a
+speculative call also recomputes a share of the tokens in every cached block
+(:mod:`~specdist.engine.tokens`; ``specdiff`` chooses them by self-speculation, the others by a
+fixed rotation) and books the FLOPs that really ran per sample (``CacheStats.token_cost``).
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ outputs are, per token, one of three *levels*:
 
 Two selections:
 
-* :func:`rotating_index` (``taylorseer``, ToCa-style fixed schedule): at the ``j``-th step after a
-  full step the next ``k`` tokens of a fixed, spatially spread order (a golden-ratio stride) —
-  every token is refreshed once per ``N / k`` steps; no reuse level; zero selection cost.
+* :func:`rotating_index` (``taylorseer`` and ``speca``, ToCa-style fixed schedule): at the ``j``-th
+  step after a full step the next ``k`` tokens of a fixed, spatially spread order (a golden-ratio
+  stride) — every token is refreshed once per ``N / k`` steps; no reuse level; zero selection
+  cost. speca compares the probe block's refreshed rows with their forecasts (its check costs
+  nothing extra) and rolls a rejected step back as at block level.
 * :func:`token_scores` + :func:`levels` (``specdiff``, self-speculation): the first cached block
   runs for real on every token (cost 1/L of a step, and that block is then exact); a token's
   score is its relative disagreement there between the forecast and the real branch outputs
