@@ -1,4 +1,4 @@
-"""One entry point for every sampling method: ``full``, ours (``fora``, ``taylorseer``, ``speca``)
+"""One entry point for every sampling method: ``full``, ours (``fora``, ``taylorseer``, ``speca``, ``specdiff``)
 and the diffusers built-in caches as peers (``diffusers-*``)."""
 
 from __future__ import annotations
