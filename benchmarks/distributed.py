@@ -252,7 +252,8 @@ def write_md(results: dict, path: Path) -> None:
                      f"{r['critical_path_full_steps']:.1f} | {calls} | {_fmt(r['psnr']['worst'])} / "
                      f"{_fmt(r['psnr']['mean'])} | {util} |")
     c = results["calibration"]
-    lines += ["", f"Calibration `{c['key']}` ({'reused' if c['reused'] else f'computed in {c[\"cost_s\"]:.0f} s'}).",
+    how = "reused" if c["reused"] else f"computed in {c['cost_s']:.0f} s"
+    lines += ["", f"Calibration `{c['key']}` ({how}).",
               f"Benchmark wall time on this machine: {results['bench_wall_s']:.0f} s (2-core CPU, no GPU)."]
     path.write_text("\n".join(lines) + "\n")
 

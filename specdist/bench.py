@@ -160,6 +160,9 @@ def _row(method, knobs, res, wall, ref, ref_wall, pixels, ref_pixels, flops, gui
         }
         if "target_psnr_db" in stats.rule:
             extra["target_psnr_db"] = stats.rule["target_psnr_db"]
+        if "token_level" in summary:  # token level: level shares and the selection's wall-time share
+            extra["token_level"] = summary["token_level"]
+            extra["selection_time_fraction"] = summary["token_level"]["selection_seconds"] / ref_wall
     q_pix = compare(pixels, ref_pixels) if pixels is not None else None
     return {
         "method": method,

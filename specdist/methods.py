@@ -1,5 +1,6 @@
-"""One entry point for every sampling method: ``full``, ours (``fora``, ``taylorseer``, ``speca``),
-the diffusers built-in caches as peers (``diffusers-*``) and exact speculative sampling (``exact``)."""
+"""One entry point for every sampling method: ``full``, ours (``fora``, ``taylorseer``, ``speca``,
+``specdiff``), the diffusers built-in caches as peers (``diffusers-*``) and exact speculative
+sampling (``exact``)."""
 
 from __future__ import annotations
 

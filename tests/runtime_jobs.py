@@ -52,8 +52,9 @@ def assert_counters(rt: dict, *, tensor_bytes: int | None = None) -> None:
 
     Every submitted job ends ``done`` (useful or stale) or ``cancelled``; a job stops only when
     asked, and a mid-forward stop is a cancellation; bytes move only over a transport. With
-    ``tensor_bytes`` (one job's input = one job's output, in bytes), ``bytes_moved`` is exact: one
-    input per job sent (resubmissions included) and one output per job done.
+    ``tensor_bytes`` (one latent, in bytes), ``bytes_moved`` is at least one latent in per job sent
+    (resubmissions included) and one out per job done (drafts also carry their forecast branches and
+    recording references return their features, so it is a lower bound).
     """
     j = rt["jobs"]
     assert j["jobs_submitted"] == j["jobs_done"] + j["jobs_cancelled"], j
@@ -61,7 +62,7 @@ def assert_counters(rt: dict, *, tensor_bytes: int | None = None) -> None:
     assert rt["cancelled_mid_forward"] <= j["jobs_cancelled"] <= j["cancel_requests"] <= j["jobs_submitted"], rt
     assert rt["resubmitted"] >= 0 and rt["workers_lost"] <= rt["workers"]
     if rt["mode"] == "latency":
-        assert sum(s["jobs"] for s in rt["per_sample"]) == j["jobs_submitted"]
+        assert sum(s["jobs"] + s["draft_jobs"] for s in rt["per_sample"]) == j["jobs_submitted"]
         # every committed step (F, A, R) used one reference output from a job of an open window
         assert j["jobs_done"] - j["jobs_stale"] >= sum(len(s["decisions"]) for s in rt["per_sample"])
     else:
@@ -72,4 +73,4 @@ def assert_counters(rt: dict, *, tensor_bytes: int | None = None) -> None:
         assert rt["bytes_moved"] > 0 and rt["bytes_moved_per_step"] > 0, rt
         if tensor_bytes is not None:
             sent = j["jobs_submitted"] + rt["resubmitted"]
-            assert rt["bytes_moved"] == (sent + j["jobs_done"]) * tensor_bytes, rt
+            assert rt["bytes_moved"] >= (sent + j["jobs_done"]) * tensor_bytes, rt

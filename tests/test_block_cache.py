@@ -103,7 +103,7 @@ def _tiny_video(samples: int = 2):
 def test_block_level_speca_tau_zero_is_full_and_huge_tau_accepts():
     model, adapter, sched, cond, noise = _tiny_video()
     ref = sample_full(model, adapter, sched, cond, noise, 8, progress=False)
-    cfg = CacheConfig(granularity="block", max_run=3)
+    cfg = CacheConfig(granularity="block", order=1, max_run=3)
     exact = sample_cached(model, adapter, sched, cond, noise, 8, "speca", cfg, progress=False,
                           threshold_fn=lambda i: 0.0)
     assert torch.equal(exact.latents, ref.latents)

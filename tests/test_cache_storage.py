@@ -155,7 +155,7 @@ def test_bad_storage_settings_are_one_line():
         CacheConfig(storage_dtype="int8").validate()
     with pytest.raises(ConfigError, match=r"'cache.host_offload': True \(allowed: false with "
                                           r"cache.granularity='probe'"):
-        CacheConfig(host_offload=True).validate()
+        CacheConfig(host_offload=True, granularity="probe").validate()
     with pytest.raises(ConfigError, match="'cache.max_host_bytes'"):
         CacheConfig(max_host_bytes=-1).validate()
     model, adapter, sched, cond, noise = _tiny("hunyuan_video")

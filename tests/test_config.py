@@ -28,7 +28,7 @@ def test_default_yaml_loads_and_overrides_apply(repo_root):
         ("output.colour=red", "unknown config key 'output.colour'"),
         ("steps=0", "invalid value for 'steps': 0 (allowed: an integer >= 1)"),
         ("steps=many", "invalid value for 'steps': 'many' (allowed: an integer)"),
-        ("method=turbo", "invalid value for 'method': 'turbo' (allowed: one of ['full', 'fora', 'taylorseer', 'speca', 'diffusers-fbcache'"),
+        ("method=turbo", "invalid value for 'method': 'turbo' (allowed: one of ['full', 'fora', 'taylorseer', 'speca', 'specdiff', 'diffusers-fbcache'"),
         ("cache.metric=l3", "invalid value for 'cache.metric': 'l3'"),
         ("cache.order=9", "invalid value for 'cache.order': 9 (allowed: an integer 0..6)"),
         ("cache.max_run=0", "invalid value for 'cache.max_run': 0"),

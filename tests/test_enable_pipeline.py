@@ -25,7 +25,7 @@ from specdist.engine.pipeline import last_stats, step_index
 
 STEPS = 8
 REJECT_ALL = CacheConfig(tau0=0.0, beta=1.0)  # τ = 0: every check fails, every step is recomputed fully
-ACCEPT_ALL = CacheConfig(tau0=1e9, beta=1.0, max_run=3)  # every check passes: F F F A A A F A
+ACCEPT_ALL = CacheConfig(tau0=1e9, beta=1.0, max_run=3, order=1)  # every check passes: F F F A A A F A
 
 
 def run_flux(pipe, cfg: bool = False) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_true_cfg_speculates_per_context(name):
     assert torch.equal(exact, reference)
     tap = Tap(pipe.transformer.single_transformer_blocks[-1].norm, pre=True)
     try:
-        with specdist.enabled(pipe, "speca", ACCEPT_ALL), first_block_runs(pipe) as runs:
+        with specdist.enabled(pipe, "speca", replace(ACCEPT_ALL, granularity="probe")), first_block_runs(pipe) as runs:
             out = run(pipe, cfg=True)
             stats = last_stats(pipe)
     finally:

@@ -95,6 +95,11 @@ def test_threshold_schedule_and_branch_combination():
 
 # ----- the sampling loop --------------------------------------------------------------------
 
+PROBE = dict(granularity="probe", order=1)
+"""What the probe-level tests below check: the probe block's input and the last block's output,
+forecast at order 1 (the defaults are block level, order 2)."""
+
+
 def _tiny(kind: str):
     torch.manual_seed(0)
     if kind == "dit":
@@ -137,7 +142,7 @@ def test_huge_tau_accepts_and_hooks_are_removed(tiny):
     probe_input = Tap(_norm(adapter.blocks(model)[-1]), pre=True)
     try:
         res = sample_cached(model, adapter, sched, cond, noise, 8, "speca",
-                            CacheConfig(tau0=1e9, beta=1.0, max_run=3), progress=False)
+                            CacheConfig(tau0=1e9, beta=1.0, max_run=3, **PROBE), progress=False)
     finally:
         probe_input.remove()
     decisions = {row["decisions"] for row in res.stats.per_sample()}
@@ -178,13 +183,13 @@ class _PoisonedCache(TaylorCache):
 def test_nan_forecast_is_rejected(tiny):
     model, adapter, sched, cond, noise, ref = tiny
     for metric in ("rel_l1", "rel_l2", "cosine"):
-        res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(metric=metric),
+        res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(metric=metric, **PROBE),
                             progress=False, threshold_fn=lambda i: float("inf"), cache_cls=_PoisonedCache)
         for row in res.stats.per_sample():
             assert row["decisions"][5] == "R"
         assert torch.isfinite(res.latents).all()
     # Without verification a NaN output is still caught (the output itself is checked).
-    res = sample_cached(model, adapter, sched, cond, noise, 8, "taylorseer", CacheConfig(interval=8),
+    res = sample_cached(model, adapter, sched, cond, noise, 8, "taylorseer", CacheConfig(interval=8, **PROBE),
                         progress=False, cache_cls=_PoisonedCache)
     assert {r["decisions"][5] for r in res.stats.per_sample()} == {"R"}
     assert torch.isfinite(res.latents).all()
@@ -208,7 +213,7 @@ def test_fixed_interval_methods_follow_their_schedule(tiny):
     for method, order in (("fora", 0), ("taylorseer", 1)):
         last_out = Tap(adapter.blocks(model)[-1])
         try:
-            res = sample_cached(model, adapter, sched, cond, noise, 8, method, CacheConfig(interval=2, order=1),
+            res = sample_cached(model, adapter, sched, cond, noise, 8, method, CacheConfig(interval=2, **PROBE),
                                 progress=False)
         finally:
             last_out.remove()
@@ -260,7 +265,7 @@ def test_non_default_probe_block_is_the_one_verified(tiny):
     blocks = adapter.blocks(model)
     probe_in, after = Tap(_norm(blocks[1]), pre=True), Tap(_norm(blocks[2]), pre=True)
     try:
-        res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(probe_block=1, max_run=3),
+        res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(probe_block=1, max_run=3, **PROBE),
                             progress=False, threshold_fn=lambda i: float("inf"))
     finally:
         probe_in.remove()
@@ -268,11 +273,11 @@ def test_non_default_probe_block_is_the_one_verified(tiny):
     assert {r["decisions"] for r in res.stats.per_sample()} == {"FFFAAAFA"}
     assert assert_accepted_are_extrapolations(probe_in.values, "FFFAAAFA", 1) == 4
     assert len(after.values) == 4  # block 2 ran on the full steps only
-    default = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(max_run=3), progress=False,
+    default = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(max_run=3, **PROBE), progress=False,
                             threshold_fn=lambda i: float("inf"))
     errors = [e for e in res.stats.errors[0] if e is not None]
     assert len(errors) == 4 and errors != [e for e in default.stats.errors[0] if e is not None]
-    exact = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(probe_block=1), progress=False,
+    exact = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(probe_block=1, **PROBE), progress=False,
                           threshold_fn=lambda i: 0.0)
     assert torch.equal(exact.latents, ref.latents)
 

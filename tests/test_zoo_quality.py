@@ -69,7 +69,7 @@ def test_taylorseer_order_one_matches_diffusers_taylorseer(zoo):
 
     bundle, cond, noise, ref = zoo
     args = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, noise, STEPS)
-    ours = sample_cached(*args, "taylorseer", CacheConfig(interval=2, order=1), progress=False)
+    ours = sample_cached(*args, "taylorseer", CacheConfig(interval=2, order=1, granularity="probe"), progress=False)
     theirs = sample_with_peer(*args, "diffusers-taylorseer", PeerConfig(taylorseer_cache_interval=2,
                               taylorseer_max_order=1, taylorseer_disable_cache_before_step=3), progress=False)
     torch.testing.assert_close(ours.latents, theirs.latents, rtol=1e-5, atol=1e-5)

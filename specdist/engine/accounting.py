@@ -37,6 +37,17 @@ def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block
     runs = [r["mean_accepted_run"] for r in per if r["accepted"]]
     verification = probe * probed / (n * steps)
     spec_flops = base * sum(spec_steps) / n + probe * probed / n  # in full forwards per sample
+    tokens = {}
+    if stats.token_cost:  # token level: what the partial calls really ran (engine.tokens.call_cost)
+        spec_flops = sum(stats.token_cost) / n
+        verification = 0.0  # speca's check reads the probe block's refreshed rows: nothing extra runs
+        shares = [lv[1:] for per_sample in stats.token_levels for lv in per_sample]
+        tokens = {"token_level": {
+            "mean_shares": {name: sum(s[k] for s in shares) / max(len(shares), 1)
+                            for k, name in enumerate(("recompute", "forecast", "reuse"))},
+            "per_step": [list(lv) for lv in stats.token_levels[0]] if stats.token_levels else [],
+            "selection_seconds": stats.select_seconds,
+        }}
     return {
         "full_steps": [r["full_steps"] for r in per],
         "speculative_steps": spec_steps,
@@ -57,4 +68,5 @@ def summarize(stats: CacheStats, flops: dict[str, Any], method: str, probe_block
         "cache_order": stats.effective_order,
         **({"cached_blocks": stats.extra["cached_blocks"]} if "cached_blocks" in stats.extra else {}),
         **({"rule": stats.rule} if stats.rule else {}),
+        **tokens,
     }

@@ -12,6 +12,11 @@ Methods (``method`` key of the job):
   the check serves a quality target (``target_psnr_db``, calibrated per model,
   :mod:`specdist.engine.target`); ``tau0`` selects a raw threshold schedule
   ``τ(p) = max(τ0·β^p, τ_min)`` instead (expert override).
+* ``specdiff`` — SpecDiff-style token-level self-speculation (:mod:`specdist.engine.tokens`): full
+  every ``interval`` steps; at the steps between, the first cached block runs for real, its
+  disagreement with the forecast (plus the forecast's own predicted change) scores every token,
+  and the tokens are split into three levels — recomputed in every later block, Taylor-forecast,
+  or reused — with the shares ``token_refresh`` / rest / ``token_reuse``. Always token level.
 * ``exact`` — exact speculative sampling of a stochastic sampler (``exact:`` section,
   :class:`ExactConfig`; :mod:`specdist.engine.exact`).
 """
@@ -23,11 +28,12 @@ from dataclasses import dataclass, field
 
 from ..errors import check_value as _check
 
-CACHE_METHODS = ("fora", "taylorseer", "speca")
+CACHE_METHODS = ("fora", "taylorseer", "speca", "specdiff")
 PEER_METHODS = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-pab")
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TIME_UNITS = ("index", "timestep")
-GRANULARITIES = ("probe", "output", "block")
+TOKEN_KV = ("forecast", "compute")
+GRANULARITIES = ("probe", "output", "block", "token")
 METRICS = ("rel_l1", "rel_l2", "cosine")
 CALIBRATION_MODES = ("auto", "refresh")
 DEFAULT_TARGET_PSNR_DB = 35.0
@@ -58,7 +64,34 @@ class CacheConfig:
     branches with them (speca: the probe block's branches run for real and verify). The first full
     step measures the branch sizes; when ``max_cache_bytes`` cannot hold every block, the order is
     kept and the first blocks are left uncached (forecast as one input stream of the first cached
-    block), then the order is lowered."""
+    block), then the order is lowered. ``token`` (taylorseer, speca with ``tau0``; specdiff always):
+    as ``block``, but at the steps between full steps a share of the tokens (``token_refresh``) runs
+    through every cached block's branches for real, the others are forecast
+    (:mod:`specdist.engine.tokens`); speca checks the probe block's refreshed rows."""
+    token_refresh: float = 0.25
+    """``granularity: token`` (taylorseer, speca) and specdiff: share of each token stream (video,
+    text) recomputed in every cached block at a step between full steps; the other tokens are
+    forecast. taylorseer and speca refresh a rotating, spatially spread subset (ToCa-style fixed
+    schedule); specdiff the highest-scored tokens. 1 recomputes everything (the full step, bit for bit); 0 none (the
+    block-level forecast, bit for bit)."""
+    token_reuse: float = 0.0
+    """specdiff: share of each token stream (the lowest-scored tokens) whose branches reuse their
+    last full step's value instead of the Taylor forecast; at most ``1 − token_refresh``. Default 0:
+    on both tuning models (dit-shapes, hunyuan-shapes-video; 2 samples, 50 steps, interval 4) a
+    reuse share of 0.1 cost 2.8 / 3.2 dB worst-sample PSNR for no FLOPs saved (the forecast costs
+    O(tokens × width), like reuse)."""
+    token_history: float = 0.5
+    """specdiff: weight of the history term of a token's score (steps since the token was last
+    computed) next to the self-speculative term (the first cached block's relative disagreement
+    between its forecast and its real output at this step, divided by its mean over the tokens).
+    0.5 measured best of {0, 0.5, 2} on dit-shapes (worst 20.1 / 24.1 / 20.8 dB) and near best on
+    hunyuan-shapes-video (31.4 / 32.6 / 33.0 dB)."""
+    token_kv: str = "forecast"
+    """``granularity: token`` (taylorseer, speca) and specdiff: keys and values of the tokens that are not
+    recomputed. ``forecast``: cached and Taylor-forecast like the branches (every key/value
+    projection runs on the selected rows only; the cache holds two more tensors per attention);
+    ``compute``: projected from the block's current input for every token (exact for its input,
+    no extra cache, costs two projections of every token per block)."""
     probe_block: int = -1
     """speca: the block run for real to verify a forecast (negative counts from the end)."""
     metric: str = "rel_l2"
@@ -121,6 +154,14 @@ class CacheConfig:
     ``max_cache_bytes`` (uncached prefix first, then the order). The default, 192 GiB, holds every
     block of HunyuanVideo 720×1280×129f at order 1 in bf16 (117 GB) or fp8 (59 GB)."""
 
+    def resolved(self, method: str) -> "CacheConfig":
+        """This config as ``method`` runs it: specdiff always caches per token (granularity ``token``)."""
+        if method == "specdiff" and self.granularity != "token":
+            from dataclasses import replace
+
+            return replace(self, granularity="token")
+        return self
+
     @property
     def uses_target(self) -> bool:
         """Whether ``speca`` runs to a quality target (the default) rather than a τ schedule."""
@@ -139,6 +180,35 @@ class CacheConfig:
 
     def validate_for(self, method: str, prefix: str = "cache.") -> None:
         """Refuse the fields that do not apply to ``method`` (one line naming the field)."""
+        token_only = ("token_reuse", "token_history")
+        if method != "specdiff":
+            for key in token_only:
+                _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
+                       f"the default ({getattr(CacheConfig, key)}) with method={method} (it applies to specdiff)")
+        if method != "specdiff" and self.granularity != "token":
+            for key in ("token_refresh", "token_kv"):
+                _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
+                       f"the default ({getattr(CacheConfig, key)}) with method={method} and granularity="
+                       f"{self.granularity} (it applies to specdiff and to cache.granularity=token)")
+        if self.granularity == "token":
+            _check(method in ("taylorseer", "speca", "specdiff"), f"{prefix}granularity", self.granularity,
+                   f"one of {[g for g in GRANULARITIES if g != 'token']} with method={method} (token level: "
+                   f"taylorseer, speca and specdiff)")
+        if method == "speca" and self.granularity == "token":
+            _check(self.tau0 is not None, f"{prefix}tau0", self.tau0,
+                   "a number >= 0 with cache.granularity=token (speca's quality-target calibration is block "
+                   "level; at token level it verifies the refreshed tokens against a threshold schedule)")
+            _check(self.token_refresh > 0, f"{prefix}token_refresh", self.token_refresh,
+                   "a number in (0, 1] with method=speca (its check reads the refreshed tokens)")
+        if method == "specdiff":
+            _check(self.granularity in ("block", "token"), f"{prefix}granularity", self.granularity,
+                   "token (or left at its default: specdiff is always token level)")
+            for key in ("target_psnr_db", "tau0", "beta", "tau_min"):
+                _check(getattr(self, key) is None, f"{prefix}{key}", getattr(self, key),
+                       "null with method=specdiff (its level shares are set by cache.token_refresh / token_reuse)")
+            for key in ("min_run", "probe_block", "metric"):
+                _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
+                       f"the default ({getattr(CacheConfig, key)}) with method=specdiff (it applies to speca)")
         if method in ("fora", "taylorseer"):
             for key in ("target_psnr_db", "tau0", "beta", "tau_min"):
                 _check(getattr(self, key) is None, f"{prefix}{key}", getattr(self, key),
@@ -157,6 +227,11 @@ class CacheConfig:
         _check(self.interval >= 1, f"{prefix}interval", self.interval, "an integer >= 1")
         _check(self.granularity in GRANULARITIES, f"{prefix}granularity", self.granularity,
                f"one of {list(GRANULARITIES)}")
+        _check(0.0 <= self.token_refresh <= 1.0, f"{prefix}token_refresh", self.token_refresh, "a number in [0, 1]")
+        _check(0.0 <= self.token_reuse <= 1.0 - self.token_refresh, f"{prefix}token_reuse", self.token_reuse,
+               f"a number in [0, 1 - token_refresh = {1.0 - self.token_refresh:g}]")
+        _check(self.token_kv in TOKEN_KV, f"{prefix}token_kv", self.token_kv, f"one of {list(TOKEN_KV)}")
+        _check(self.token_history >= 0.0, f"{prefix}token_history", self.token_history, "a number >= 0")
         _check(self.metric in METRICS, f"{prefix}metric", self.metric, f"one of {list(METRICS)}")
         _check(self.tau0 is None or self.tau0 >= 0, f"{prefix}tau0", self.tau0, "null or a number >= 0")
         _check(self.beta is None or 0 < self.beta <= 100, f"{prefix}beta", self.beta, "null or a number in (0, 100]")

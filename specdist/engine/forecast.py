@@ -396,6 +396,13 @@ class TaylorCache:
             out.append(total)
         return tuple(out)
 
+    def base_features(self, rows: torch.Tensor, features: range) -> tuple[torch.Tensor, ...]:
+        """The last full step's values (factor 0) of ``features`` for ``rows``, in the compute dtype
+        (the reuse forecast; token level's ``reuse`` tokens)."""
+        rows_cpu = rows.cpu()
+        whole = self._all_rows(rows_cpu)
+        return tuple(self._load(feat, rows, whole)[0] for feat in features)
+
     def view(self, rows: torch.Tensor, time: float, layout: list[tuple[str, int]]) -> "ForecastView":
         """A lazy mapping name → forecast tuple for the features laid out as ``layout`` (names and
         feature counts, in feature order); see :class:`ForecastView`."""
@@ -435,6 +442,10 @@ class ForecastView(Mapping):
         if following is not None:
             self.cache.prefetch(self.rows, self.ranges[following])
         return self.cache.forecast_features(self.rows, self.time, feats)
+
+    def base(self, name: str) -> tuple[torch.Tensor, ...]:
+        """The last full step's values of ``name`` (not a forecast; read-only)."""
+        return self.cache.base_features(self.rows, self.ranges[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.ranges)

@@ -32,12 +32,23 @@ block ``start``):
   verification on, the probe block's branches run for real and are kept for comparison with their
   forecasts.
 
+Granularity ``token`` (:mod:`~specdist.engine.tokens`; the same features as ``block``, plus, with
+``cache.token_kv: forecast``, each attention's key and value projections): ``measure`` and
+``record`` as at block level. ``speculate`` with a :class:`~specdist.engine.tokens.TokenPlan`:
+each block hook records the lengths of its token streams; specdiff's self-speculation block runs
+for real and scores the tokens; every later block runs its norms and modulation on every token
+while each branch submodule runs on the selected tokens only (the adapter's
+:class:`~specdist.models.base.TokenSpec` says how: row-wise, or attention with queries from the
+selected tokens) and scatters them into its forecast; a key/value projection hook projects the
+selected rows and scatters them into the forecast keys/values.
+
 Features are tuples of tensors, each ``[rows, ...]``.
 """
 
 from __future__ import annotations
 
 import threading
+import time as time_module
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +57,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..models.base import ModelAdapter, StreamSpec
+from ..models.base import ModelAdapter, StreamSpec, TokenBranch, gather_rows
 from .config import GRANULARITIES
+from .tokens import TokenPlan, mix_reuse, run_branch, scatter_rows, split_streams, token_scores
 
 HOOK_NAME = "specdist_speculation"
 
@@ -63,6 +75,7 @@ class CallPlan:
     recorded: MutableMapping[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # measure: bytes per row of each feature
     itemsize: int = 4  # measure: bytes per element of the measured features (their compute dtype)
+    tokens: TokenPlan | None = None  # token level, speculate: the token levels of this call
 
 
 def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
@@ -122,6 +135,8 @@ class _BlockHook(ModelHook):
         return self.streams.pack(self.streams.read(args, kwargs))
 
     def _block_level(self, plan: CallPlan, run: Any, args: tuple, kwargs: dict) -> Any:
+        if plan.mode == "speculate" and plan.tokens is not None and self.index >= plan.start:
+            return self._token_level(plan, run, args, kwargs)
         if plan.mode == "measure":
             plan.sizes[f"input.{self.index}"] = _row_bytes(self.streams.read(args, kwargs))
         elif plan.mode == "record":
@@ -134,12 +149,38 @@ class _BlockHook(ModelHook):
         return run(*args, **kwargs)
 
 
+    def _token_level(self, plan: CallPlan, run: Any, args: tuple, kwargs: dict) -> Any:
+        tokens = plan.tokens
+        if plan.start > 0 and self.index == plan.start:
+            args, kwargs = self.streams.replace(args, kwargs, plan.forecast["entry_in"])
+        spec = self.owner.token_specs[self.index]
+        tokens.lengths = {name: t.shape[1] for name, t in zip(spec.streams, self.streams.read(args, kwargs))}
+        context = None
+        if spec.context is not None:
+            name, pos = spec.context
+            context = kwargs.get(name, args[pos] if len(args) > pos else None)
+        tokens.context_tokens = 0 if context is None else context.shape[1]
+        output = run(*args, **kwargs)
+        if self.index == tokens.spec_block:  # self-speculation: score every token from this block
+            began = time_module.perf_counter()
+            true, pred = {}, {}
+            for name in self.owner.branches[self.index]:
+                key, branch = branch_key(self.index, name), spec.branches[name]
+                for target, values in ((true, plan.recorded.pop(key)), (pred, plan.forecast[key])):
+                    for stream, parts in split_streams(values, branch, tokens.lengths).items():
+                        target.setdefault(stream, []).extend(parts)
+            tokens.select({s: token_scores(true[s], pred[s], tokens.age.get(s), tokens.history) for s in true})
+            tokens.select_seconds += time_module.perf_counter() - began
+        return output
+
+
 class _BranchHook(ModelHook):
     """On a residual-branch submodule: record its output, or return its forecast."""
 
-    def __init__(self, owner: "SpeculationHooks", block: int, name: str) -> None:
+    def __init__(self, owner: "SpeculationHooks", block: int, name: str, token: TokenBranch | None = None) -> None:
         super().__init__()
         self.owner, self.block, self.key = owner, block, branch_key(block, name)
+        self.token = token
         self.is_tuple = False
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -147,6 +188,23 @@ class _BranchHook(ModelHook):
         run = self.fn_ref.original_forward
         if plan.mode == "off" or self.block < plan.start:
             return run(*args, **kwargs)
+        if plan.mode == "speculate" and plan.tokens is not None:
+            if self.block == plan.tokens.spec_block:  # runs for real; the block hook scores its tokens
+                output = run(*args, **kwargs)
+                plan.recorded[self.key] = _tensors(output)
+                return output
+            forecast = plan.forecast[self.key]
+            if plan.tokens.reuse:
+                forecast = mix_reuse(forecast, plan.forecast.base(self.key), self.token, plan.tokens)
+            output = run_branch(self.token, self.owner.adapter, module, run, args, kwargs, plan.tokens, forecast,
+                                self.is_tuple)
+            if plan.verify and self.block == self.owner.probe:  # speca at token level: check the refreshed rows
+                streams = self.token.streams
+                plan.recorded[self.key] = tuple(gather_rows(t, plan.tokens.stream_index(s))
+                                                for t, s in zip(_tensors(output), streams))
+                plan.recorded[f"forecast:{self.key}"] = tuple(gather_rows(f, plan.tokens.stream_index(s))
+                                                              for f, s in zip(forecast, streams))
+            return output
         if plan.mode == "speculate" and not (plan.verify and self.block == self.owner.probe):
             forecast = plan.forecast[self.key]
             return tuple(forecast) if self.is_tuple else forecast[0]
@@ -160,6 +218,34 @@ class _BranchHook(ModelHook):
         return output
 
 
+class _KVHook(ModelHook):
+    """Token level, ``token_kv: forecast``: on a key or value projection of an attention. Full
+    steps record its output (a cached feature like a branch); at a partial block only the selected
+    tokens' rows are projected and scattered into the forecast keys/values of every token."""
+
+    def __init__(self, owner: "SpeculationHooks", block: int, path: str, stream: str) -> None:
+        super().__init__()
+        self.owner, self.block, self.key, self.stream = owner, block, branch_key(block, path), stream
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = self.owner.current
+        run = self.fn_ref.original_forward
+        if plan.mode == "off" or self.block < plan.start:
+            return run(*args, **kwargs)
+        if plan.mode == "speculate":
+            if plan.tokens is None or self.block == plan.tokens.spec_block:
+                return run(*args, **kwargs)
+            idx = plan.tokens.stream_index(self.stream)
+            x = args[0] if args else kwargs["input"]
+            return scatter_rows(plan.forecast[self.key][0], idx, run(gather_rows(x, idx)))
+        output = run(*args, **kwargs)
+        if plan.mode == "measure":
+            plan.sizes[self.key] = _row_bytes((output,))
+        else:
+            plan.recorded[self.key] = (output,)
+        return output
+
+
 class _SkipHook(ModelHook):
     """On a submodule that only feeds a forecast branch: skip it on forecast steps.
 
@@ -168,9 +254,10 @@ class _SkipHook(ModelHook):
     materialised. The shapes come from the last computed call with the same input shapes.
     """
 
-    def __init__(self, owner: "SpeculationHooks", block: int) -> None:
+    def __init__(self, owner: "SpeculationHooks", block: int, token: TokenBranch | None = None) -> None:
         super().__init__()
         self.owner, self.block = owner, block
+        self.token = token
         self.shapes: dict[tuple, tuple] = {}  # input signature -> (output shapes[1:-1], dtypes, is_tuple)
 
     @staticmethod
@@ -180,6 +267,10 @@ class _SkipHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         plan = self.owner.current
         run = self.fn_ref.original_forward
+        if plan.mode == "speculate" and plan.tokens is not None and self.block >= plan.start:
+            if self.block == plan.tokens.spec_block:
+                return run(*args, **kwargs)
+            return run_branch(self.token, self.owner.adapter, module, run, args, kwargs, plan.tokens, None, False)
         inputs = self._tensors_in(args, kwargs)
         sig = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
         known = self.shapes.get(sig)
@@ -207,7 +298,7 @@ class SpeculationHooks:
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, probe_block: int = -1,
-                 granularity: str = "probe") -> None:
+                 granularity: str = "probe", token_kv: str = "forecast") -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r} (allowed: {', '.join(GRANULARITIES)})")
         self.model = model
@@ -217,10 +308,14 @@ class SpeculationHooks:
             raise ValueError(f"probe_block {probe_block} out of range for {n} blocks")
         self.probe = probe_block % n
         self.last = n - 1
-        self.block_level = granularity == "block"
+        self.block_level = granularity in ("block", "token")
+        self.token_level = granularity == "token"
+        self.adapter = adapter
+        self.token_specs = [adapter.token_spec(model, i) for i in range(n)] if self.token_level else []
         self._plans = threading.local()  # one plan per calling thread: the hooks are reentrant
         self._hooked: list[nn.Module] = []
         self.branches: list[tuple[str, ...]] = []
+        self.kv: list[tuple[str, ...]] = []  # token level, token_kv forecast: cached key/value projections
         try:
             for i, block in enumerate(blocks):
                 self._register(block, _BlockHook(self, i, adapter.stream_spec(model, i)))
@@ -231,11 +326,20 @@ class SpeculationHooks:
                     if not isinstance(getattr(block, name, None), nn.Module):
                         raise ValueError(f"{adapter.model_class} block {i} has no submodule {name!r} "
                                          f"(branch spec {spec})")
+                tokens = self.token_specs[i].branches if self.token_level else {}
+                missing = [name for name in (*spec.cached, *spec.skipped) if self.token_level and name not in tokens]
+                if missing:
+                    raise ValueError(f"{adapter.model_class} block {i}: no token-level rule for {missing}")
                 for name in spec.cached:
-                    self._register(getattr(block, name), _BranchHook(self, i, name))
+                    self._register(getattr(block, name), _BranchHook(self, i, name, tokens.get(name)))
                 for name in spec.skipped:
-                    self._register(getattr(block, name), _SkipHook(self, i))
+                    self._register(getattr(block, name), _SkipHook(self, i, tokens.get(name)))
                 self.branches.append(spec.cached)
+                kv = self.token_specs[i].kv if self.token_level and token_kv == "forecast" else {}
+                for path, stream in kv.items():
+                    sub = block.get_submodule(path)
+                    self._register(sub, _KVHook(self, i, path, stream))
+                self.kv.append(tuple(kv))
         except BaseException:  # a refused model keeps no hook
             self.remove()
             raise
@@ -250,7 +354,8 @@ class SpeculationHooks:
         cached block (block level)."""
         if self.block_level:
             entry = ("entry_in",) if start > 0 else ()
-            return entry + tuple(branch_key(k, name) for k in range(start, self.last + 1) for name in self.branches[k])
+            return entry + tuple(branch_key(k, name) for k in range(start, self.last + 1)
+                                 for name in (*self.branches[k], *self.kv[k]))
         return ("probe_in", "last_out") if self.probe == self.last else ("probe_in", "probe_out", "last_out")
 
     def verified_features(self) -> tuple[str, ...]:
@@ -273,7 +378,7 @@ class SpeculationHooks:
         return plan
 
     def plan(self, mode: str, verify: bool = True, forecast: Mapping | None = None, start: int = 0,
-             recorded: MutableMapping | None = None) -> CallPlan:
+             recorded: MutableMapping | None = None, tokens: TokenPlan | None = None) -> CallPlan:
         """Set what this thread's next model call does; returns the plan the hooks will fill.
 
         ``forecast`` and ``recorded`` may be any mappings: the block level passes a lazy
@@ -282,7 +387,7 @@ class SpeculationHooks:
         goes into the cache at once), so a call never holds every block's features at the same time."""
         self._plans.plan = CallPlan(mode=mode, verify=verify, start=start,
                                     forecast={} if forecast is None else forecast,
-                                    recorded={} if recorded is None else recorded)
+                                    recorded={} if recorded is None else recorded, tokens=tokens)
         return self._plans.plan
 
     def remove(self) -> None:

@@ -213,7 +213,8 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
 
     Args:
         pipe: the pipeline; its ``transformer`` gets the hooks, its ``scheduler`` is read every call.
-        method: ``speca`` (forecast, verify with one block, roll back), ``taylorseer`` or ``fora``.
+        method: ``speca`` (forecast, verify with one block, roll back), ``taylorseer``, ``fora`` or
+            ``specdiff`` (token level).
         cache: the method's knobs (default :class:`CacheConfig`); validated here.
         calibration: ``speca`` with a quality target (the default): the transformer's calibration
             for the pipeline's step count and size (:func:`specdist.calibrate.calibrate_pipeline`);
@@ -240,6 +241,7 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
     cfg = cache if cache is not None else CacheConfig()
     cfg.validate()
     cfg.validate_for(method)
+    cfg = cfg.resolved(method)
     if _hook(pipe) is not None:
         raise SpecdistError("specdist.enable: already enabled on this pipeline (call specdist.disable(pipe) first)")
     if getattr(model, "is_cache_enabled", False):
@@ -253,7 +255,7 @@ def enable(pipe: Any, method: str = "speca", cache: CacheConfig | None = None,
         except ConfigError as err:
             raise SpecdistError(f"specdist.enable: {err}") from None
     try:
-        blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
+        blocks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity, cfg.token_kv)
     except (ValueError, NotImplementedError) as err:
         raise SpecdistError(f"specdist.enable: {err}") from None
     if method == "speca" and cfg.uses_target and calibration is None:

@@ -19,7 +19,10 @@ For each step ``i`` at time ``s_i`` and each sample ``b`` of the batch:
 Only the samples that need it are computed in 2 and 3 (sub-batches), so an easy sample costs
 less than a hard one, and a sample's decisions do not depend on its batch mates. The accept mask
 is the only host synchronisation of a step. Fixed-interval methods (``fora``, ``taylorseer``) run
-the same loop with the probe skipped and every forecast accepted.
+the same loop with the probe skipped and every forecast accepted. At ``token`` granularity a
+speculative call also recomputes a share of the tokens in every cached block
+(:mod:`~specdist.engine.tokens`; ``specdiff`` chooses them by self-speculation, the others by a
+fixed rotation) and books the FLOPs that really ran per sample (``CacheStats.token_cost``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .config import CacheConfig
 from .cache_memory import plan_block_cache, storage_for
 from .forecast import CacheStorage, RecordSink, TaylorCache
 from .hooks import SpeculationHooks
+from .tokens import TokenPlan, call_cost, level_shares
 from .decision import Rule, forecaster_time, make_rule
 from .verify import combine_rows, forecast_error, threshold
 
@@ -59,6 +63,10 @@ class CacheStats:
     probed: list[int] = field(default_factory=list)  # per sample: speculative steps the probe checked
     extra: dict = field(default_factory=dict)
     rule: dict = field(default_factory=dict)  # the rule's summary (per-sample lists, then scalars)
+    token_cost: list[float] = field(default_factory=list)  # token level, per sample: full forwards' FLOPs spent speculating
+    token_levels: list[list[tuple[int, float, float, float]]] = field(default_factory=list)
+    """token level, per sample: (step, recompute, forecast, reuse shares) of each speculative step"""
+    select_seconds: float = 0.0  # token level: wall time of scoring and selecting tokens
 
     @staticmethod
     def concat(parts: list["CacheStats"]) -> "CacheStats":
@@ -76,6 +84,9 @@ class CacheStats:
             extra={k: (max if k.endswith("_bytes") else min)(p.extra[k] for p in parts) for k in parts[0].extra},
             rule={k: ([x for p in parts for x in p.rule[k]] if isinstance(v, list) else v)
                   for k, v in parts[0].rule.items()},
+            token_cost=[c for p in parts for c in p.token_cost],
+            token_levels=[lv for p in parts for lv in p.token_levels],
+            select_seconds=sum(p.select_seconds for p in parts),
         )
 
     def per_sample(self) -> list[dict]:
@@ -167,6 +178,11 @@ class SpeculativeStepper:
         self.run_len = torch.zeros(samples, dtype=torch.long)
         self.stats = CacheStats([[] for _ in range(samples)], [[] for _ in range(samples)], [], 0,
                                 _effective_order(method, cfg), probed=[0] * samples)
+        if self.token_level:
+            self.stats.token_cost = [0.0] * samples
+            self.stats.token_levels = [[] for _ in range(samples)]
+        self._step = 0
+        self.token_age: dict[str, torch.Tensor] = {}  # specdiff: stream -> [rows, n] steps since last computed
 
     @property
     def lite(self) -> bool:
@@ -176,7 +192,41 @@ class SpeculativeStepper:
     @property
     def block_level(self) -> bool:
         """Whether every block's residual branches are cached (``granularity: block``)."""
-        return self.cfg.granularity == "block"
+        return self.cfg.granularity in ("block", "token")
+
+    @property
+    def token_level(self) -> bool:
+        """Whether the steps between full ones compute selected tokens (``granularity: token``)."""
+        return self.cfg.granularity == "token"
+
+    def _token_plan(self, group: torch.Tensor) -> TokenPlan:
+        cfg = self.cfg
+        kv = cfg.token_kv == "forecast"
+        if self.method == "specdiff":
+            rows = self.rows_of(group)
+            return TokenPlan(cfg.token_refresh, cfg.token_reuse, cfg.token_history, spec_block=self.start,
+                             kv_forecast=kv, age={s: a[rows] for s, a in self.token_age.items()})
+        # taylorseer, speca: the ToCa-style rotation (speca checks the probe block's refreshed rows)
+        return TokenPlan(cfg.token_refresh, phase=self.run_len[group].repeat(self.branches), kv_forecast=kv)
+
+    def _age_tokens(self, group: torch.Tensor, tokens: TokenPlan) -> None:
+        """specdiff: one step older for every token of ``group``, 0 for the recomputed ones."""
+        rows = self.rows_of(group)
+        for stream, n in tokens.lengths.items():
+            age = self.token_age.setdefault(stream, torch.zeros((self.samples * self.branches, n)))
+            grown = age[rows] + 1
+            grown.scatter_(1, tokens.stream_index(stream).cpu(), 0.0)
+            age[rows] = grown
+
+    def _book_tokens(self, group: torch.Tensor, tokens: TokenPlan) -> None:
+        if self.method == "specdiff":
+            self._age_tokens(group, tokens)
+        cost = call_cost(self.hooks.model, tokens, self.start)
+        shares = level_shares(tokens)
+        for sample in group.tolist():
+            self.stats.token_cost[sample] += cost
+            self.stats.token_levels[sample].append((self._step, *shares))
+        self.stats.select_seconds += tokens.select_seconds
 
     @property
     def uses_probe(self) -> bool:
@@ -254,16 +304,21 @@ class SpeculativeStepper:
         per-sample verifier error, NaN without ``verify``)."""
         forecast = self._forecast(group, time)
         if self.uses_probe and (verify or not self.lite):
-            plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start)
+            tokens = self._token_plan(group) if self.token_level else None
+            plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start, tokens=tokens)
             o = call(group)
             self.stats.spec_calls += 1
+            if tokens is not None:
+                self._book_tokens(group, tokens)
         if self.lite:  # the forecast is the output (unverified lite: no model call at all)
             o = forecast["output"][0]
         if not verify:
             return o, torch.full((len(group),), float("nan"), device=o.device)
         names = self.hooks.verified_features()
         true = torch.cat([s.flatten(1) for n in names for s in plan.recorded[n]], dim=1)
-        pred = torch.cat([s.flatten(1) for n in names for s in forecast[n]], dim=1)
+        # token level: the probe block's refreshed rows against their forecasts (no extra compute)
+        pred_of = (lambda n: plan.recorded[f"forecast:{n}"]) if self.token_level else (lambda n: forecast[n])
+        pred = torch.cat([s.flatten(1) for n in names for s in pred_of(n)], dim=1)
         return o, combine_rows(forecast_error(pred, true, self.cfg.metric), len(group))
 
     def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -273,6 +328,7 @@ class SpeculativeStepper:
         speculates with or without the check, which forecasts are accepted; a rejected forecast is
         recomputed fully at the same state (rollback)."""
         rule, b, stats = self.rule, self.samples, self.stats
+        self._step = i
         stats.thresholds.append(rule.threshold(i) if self.verify else None)
         full = rule.must_compute(i, self.run_len, self._ready())
         errors: list[float | None] = [None] * b
@@ -291,6 +347,8 @@ class SpeculativeStepper:
             out[redo.to(o.device)] = o
             self.run_len[redo] = 0
             rule.observe_full(redo)
+            for age in self.token_age.values():
+                age[self.rows_of(redo)] = 0.0
         for sample in range(b):
             stats.errors[sample].append(errors[sample])
         if i == steps - 1:
@@ -369,13 +427,14 @@ def sample_cached(
     calibration: Calibration | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> CachedResult:
-    """Sample with a caching method (``fora``, ``taylorseer`` or ``speca``); see the module doc.
+    """Sample with a caching method (``fora``, ``taylorseer``, ``speca`` or ``specdiff``); see the module doc.
 
     ``calibration``: the model's calibration, needed by ``speca`` with a quality target (see
     :func:`specdist.engine.calibration.ensure_calibration`). ``threshold_fn(step) -> τ`` replaces
     the decisions by that threshold schedule (ablations, tests); ``cache_cls`` is the forecaster
     class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step.
     """
+    cfg = cfg.resolved(method)
     device, dtype = model_device(model), model_dtype(model)
     sched = fresh_scheduler(scheduler)
     adapter.set_timesteps(sched, steps, tuple(noise.shape[1:]), device)
@@ -385,7 +444,7 @@ def sample_cached(
     b = noise.shape[0]
     guided = cond.uncond_kwargs is not None and cond.guidance_scale > 1.0
     train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
-    hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity)
+    hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity, cfg.token_kv)
     rule = make_rule(method, cfg, steps, b, calibration=calibration, threshold_fn=threshold_fn)
     stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, rule=rule, cache_cls=cache_cls)
     start = time_module.perf_counter()

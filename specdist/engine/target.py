@@ -174,7 +174,9 @@ class TargetRule(Rule):
         if step in self.forced:
             return full
         expected = self._expected_damage(step, torch.arange(self.samples), run_len)
-        read = self._scale(step) / self.damage[step] / self.cal.gain[step] if self.signal == "probe" else 1.0
+        denom = self.damage[step] * self.cal.gain[step]
+        # what the check reads per unit of damage; with no damage propagating (denom 0) it cannot matter
+        read = self._scale(step) / denom if self.signal == "probe" and denom > 0 else 1.0
         caps = self.caps(step, torch.arange(self.samples))
         chance = pass_probability(expected * read, caps, self.cal.spread)  # the check books with its margin
         chance = torch.where(self.spent + expected <= self.budget, chance, torch.zeros_like(chance))
@@ -231,6 +233,7 @@ class TargetRule(Rule):
             "budget_rms": self.budget,
             "step_allowance_rms": self.cap,
             "spec_cost": self.spec_cost,
-            "predicted_psnr_db": [round(psnr_of_budget(float(s)), 2) for s in self.spent],
+            "predicted_psnr_db": [round(psnr_of_budget(float(s)), 2) if s > 0 else None  # None: nothing forecast
+                                  for s in self.spent],
             "pre_empted_full_steps": self.pre_empted.tolist(),
         }

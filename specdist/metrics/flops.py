@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["SUPPORTED_MODELS", "block_flops", "flops_breakdown", "forward_flops"]
+__all__ = ["SUPPORTED_MODELS", "block_flops", "flops_breakdown", "forward_flops", "token_block_flops"]
 
 _WAN_I2V_IMAGE_TOKENS = 257
 _Counts = tuple[list[int], int]
@@ -221,3 +221,100 @@ def flops_breakdown(model: Any, video_tokens: int, text_tokens: int, *,
     """JSON-ready split of :func:`forward_flops`: ``blocks``, ``embed_and_head``, ``total``, ``per_block``."""
     blocks, extra = _counts(model, video_tokens, text_tokens, image_tokens)
     return {"blocks": sum(blocks), "embed_and_head": extra, "total": sum(blocks) + extra, "per_block": blocks}
+
+
+# ----- token level (cache.granularity: token) ---------------------------------------------------
+# A block on k selected tokens (of N, and kt of T text tokens): queries, attention output and MLP
+# on the selected rows; keys and values on every token (skipped with the attention when no token
+# of the block is selected; with cache.token_kv=forecast on the selected tokens only, N -> k and
+# T -> kt in the key/value terms); the per-sample modulation always runs:
+#
+#   DiT          temb(256) + lin(1, D, 6D) + [2 lin(k, D, D) + 2 lin(N, D, D) + attn(k, N)] + ff(k)
+#   PixArt       the same self-attention, cross-attention [2 lin(k, D, D) + 2 lin(T, Dc, D) + attn(k, T)], ff(k)
+#   dual-stream  2 lin(1, D, 6D) + [2 lin(k, D, D) + 2 lin(kt, D, D) + 2 lin(N, D, D) + 2 lin(T, D, D)
+#                + attn(k + kt, S)] + mlp(k, D, M, D) + mlp(kt, D, M, D)
+#   Wan          [2 lin(k, D, D) + 2 lin(N, D, D) + attn(k, N) + 2 lin(k, D, D) + 2 lin(T, D, D) + attn(k, T)]
+#                + mlp(k, D, F, D)   (text-to-video; the modulation is a table)
+#   single       lin(1, D, 3D) + [lin(s, D, D) + 2 lin(S, D, D) + attn(s, S)] + lin(s, D, M) + lin(s, D + M, D),
+#                s = k + kt
+
+
+def _dit_tokens(model: Any, n: int, t: int, k: int, kt: int, kn: int, ktn: int) -> list[int]:
+    c = model.config
+    d = c.num_attention_heads * c.attention_head_dim
+    block = _temb(d) + _lin(1, d, 6 * d) + _ff(k, d, 4 * d, c.activation_fn)
+    if k:
+        block += 2 * _lin(k, d, d) + 2 * _lin(kn, d, d) + _attn(k, n, d)
+    return [block] * c.num_layers
+
+
+def _pixart_tokens(model: Any, n: int, t: int, k: int, kt: int, kn: int, ktn: int) -> list[int]:
+    c = model.config
+    d = c.num_attention_heads * c.attention_head_dim
+    block = _ff(k, d, 4 * d, c.activation_fn)
+    if k:
+        block += 2 * _lin(k, d, d) + 2 * _lin(kn, d, d) + _attn(k, n, d)
+        if c.cross_attention_dim is not None:
+            block += 2 * _lin(k, d, d) + 2 * _lin(t, c.cross_attention_dim, d) + _attn(k, t, d)
+    return [block] * c.num_layers
+
+
+def _dual_tokens(n: int, t: int, k: int, kt: int, kn: int, ktn: int, d: int, m: int) -> int:
+    block = 2 * _lin(1, d, 6 * d) + _mlp(k, d, m, d) + _mlp(kt, d, m, d)
+    if k + kt:
+        block += (2 * _lin(k, d, d) + 2 * _lin(kt, d, d) + 2 * _lin(kn, d, d) + 2 * _lin(ktn, d, d)
+                  + _attn(k + kt, n + t, d))
+    return block
+
+
+def _single_tokens(n: int, t: int, k: int, kt: int, kn: int, ktn: int, d: int, m: int) -> int:
+    s, sel = n + t, k + kt
+    block = _lin(1, d, 3 * d) + _lin(sel, d, m) + _lin(sel, d + m, d)
+    if sel:
+        block += _lin(sel, d, d) + 2 * _lin(kn + ktn, d, d) + _attn(sel, s, d)
+    return block
+
+
+def _dual_stream_tokens(model: Any, n: int, t: int, k: int, kt: int, kn: int, ktn: int, mlp_ratio: float) -> list[int]:
+    c = model.config
+    d = c.num_attention_heads * c.attention_head_dim
+    m = int(d * mlp_ratio)
+    return ([_dual_tokens(n, t, k, kt, kn, ktn, d, m)] * c.num_layers
+            + [_single_tokens(n, t, k, kt, kn, ktn, d, m)] * c.num_single_layers)
+
+
+def _wan_tokens(model: Any, n: int, t: int, k: int, kt: int, kn: int, ktn: int) -> list[int]:
+    c = model.config
+    d = c.num_attention_heads * c.attention_head_dim
+    block = _mlp(k, d, c.ffn_dim, d)
+    if k:
+        block += (2 * _lin(k, d, d) + 2 * _lin(kn, d, d) + _attn(k, n, d)
+                  + 2 * _lin(k, d, d) + 2 * _lin(t, d, d) + _attn(k, t, d))
+    return [block] * c.num_layers
+
+
+_TOKEN_FAMILIES: Mapping[str, Callable[..., list[int]]] = MappingProxyType({
+    "DiTTransformer2DModel": _dit_tokens,
+    "PixArtTransformer2DModel": _pixart_tokens,
+    "WanTransformer3DModel": _wan_tokens,
+    "HunyuanVideoTransformer3DModel": lambda m, *counts: _dual_stream_tokens(m, *counts, m.config.mlp_ratio),
+})
+
+
+def token_block_flops(model: Any, video_tokens: int, text_tokens: int, video_selected: int,
+                      text_selected: int = 0, *, kv_forecast: bool = False) -> list[int]:
+    """FLOPs of each block run at token level for one sample: ``video_selected`` of
+    ``video_tokens`` and ``text_selected`` of ``text_tokens`` recomputed (formulas above; with
+    ``kv_forecast`` — ``cache.token_kv: forecast`` — the key and value projections of the
+    self-/joint attention run on the selected tokens only: ``N`` → ``k``, ``T`` → ``kt`` in their
+    terms). With every token selected this equals :func:`block_flops`. Raises ``ValueError`` for a
+    class without token-level support."""
+    fn = _TOKEN_FAMILIES.get(type(model).__name__)
+    if fn is None:
+        raise ValueError(f"no token-level FLOPs formula for {type(model).__name__!r}; supported: "
+                         f"{', '.join(_TOKEN_FAMILIES)}")
+    if not (0 <= video_selected <= video_tokens and 0 <= text_selected <= text_tokens):
+        raise ValueError(f"selected tokens ({video_selected}, {text_selected}) out of range "
+                         f"({video_tokens}, {text_tokens})")
+    n, t, k, kt = int(video_tokens), int(text_tokens), int(video_selected), int(text_selected)
+    return [int(b) for b in fn(model, n, t, k, kt, k if kv_forecast else n, kt if kv_forecast else t)]

@@ -79,6 +79,45 @@ class BranchSpec:
     skipped: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class TokenBranch:
+    """How one branch submodule runs on a subset of tokens (``cache.granularity: token``).
+
+    ``kind``:
+
+    * ``rows``: the module is row-wise (an MLP, a cross-attention whose queries are the tokens):
+      the selected rows of its first input (a ``stream``) go through it;
+    * ``pass``: the module's input already holds only the selected rows (an activation between
+      two ``rows`` modules): it runs unchanged;
+    * ``gathered``: like ``pass``, and its output is scattered back into the forecast (a
+      single-stream block's ``proj_out``, fed by ``rows`` / attention subsets);
+    * ``attention``: self- or joint attention with queries from the selected tokens only and keys
+      and values from every token; the adapter's :meth:`ModelAdapter.token_attention` runs it.
+
+    ``streams``: the token streams of the module's input (``rows``) or outputs (``attention``,
+    ``gathered``), each ``video`` (image or video tokens), ``text`` or ``joint`` (video then text,
+    one sequence)."""
+
+    kind: str
+    streams: tuple[str, ...] = ("video",)
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Token-level facts of one block: the names of its input streams (in :class:`StreamSpec`
+    order), how each branch submodule of its :class:`BranchSpec` runs on selected tokens, and
+    ``context``: the keyword argument of a conditioning sequence that is attended to but never
+    refreshed (PixArt's text), whose length the FLOP count needs."""
+
+    streams: tuple[str, ...]
+    branches: dict[str, TokenBranch]
+    context: tuple[str, int] | None = None  # (keyword, positional index) in the block's call
+    kv: dict[str, str] = field(default_factory=dict)
+    """Key and value projections of the block's self-/joint attention (submodule path → the
+    stream of their input rows): with ``cache.token_kv: forecast`` they are cached like branches
+    and run on the selected tokens only."""
+
+
 EncodedPrompts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 """A prompt encoder's ``(states [B, L, D], mask [B, L] bool, pooled [B, P] or None)``."""
 
@@ -154,6 +193,19 @@ class ModelAdapter(ABC):
         """Residual branches of block ``index`` (block-level caching)."""
         raise NotImplementedError(f"{self.model_class}: block-level caching (cache.granularity: block) is not "
                                   f"supported; use 'probe' or 'output'")
+
+    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
+        """Token-level facts of block ``index`` (``cache.granularity: token``)."""
+        raise NotImplementedError(f"{self.model_class}: token-level caching (cache.granularity: token) is not "
+                                  f"supported; use 'block'")
+
+    def token_attention(self, module: nn.Module, run: Any, args: tuple, kwargs: dict,
+                        index: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Run attention submodule ``module`` (original forward ``run``, called with ``args`` /
+        ``kwargs`` by its block) with queries from the selected tokens only: ``index[stream]`` is
+        ``[rows, k]`` sorted token positions per stream. Returns the outputs of the selected tokens,
+        one ``[rows, k, D]`` tensor per stream of the branch's :class:`TokenBranch`."""
+        raise NotImplementedError(f"{self.model_class}: no token-level attention")
 
     @abstractmethod
     def head_modules(self, model: nn.Module) -> list[str]:
@@ -289,3 +341,34 @@ def basic_block_branches(block: nn.Module) -> BranchSpec:
     ``gate_msa`` under adaLN), cross-attention when present (ungated), feed-forward (``gate_mlp``)."""
     names = ("attn1",) + (("attn2",) if getattr(block, "attn2", None) is not None else ()) + ("ff",)
     return BranchSpec(cached=names)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index [B, k]`` (token positions) of ``x [B, N, ...]`` → ``[B, k, ...]``."""
+    idx = index.to(x.device).reshape(*index.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def basic_block_tokens(block: nn.Module) -> TokenSpec:
+    """Token-level facts of a ``BasicTransformerBlock`` (DiT, PixArt): one token stream; the
+    self-attention takes its queries from the selected tokens (:func:`basic_self_attention`), the
+    cross-attention and the feed-forward are row-wise."""
+    branches = {"attn1": TokenBranch("attention"), "ff": TokenBranch("rows")}
+    cross = getattr(block, "attn2", None) is not None
+    if cross:
+        branches["attn2"] = TokenBranch("rows")
+    return TokenSpec(streams=("video",), branches=branches, context=("encoder_hidden_states", 2) if cross else None,
+                     kv={"attn1.to_k": "video", "attn1.to_v": "video"})
+
+
+def basic_self_attention(run: Any, args: tuple, kwargs: dict, index: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+    """Self-attention of a ``BasicTransformerBlock`` (``attn1``, diffusers' ``AttnProcessor2_0``)
+    with queries from the selected tokens: the selected rows go in as ``hidden_states`` and every
+    token as ``encoder_hidden_states`` — the processor then takes the queries (and the output
+    projection) from the first and the keys and values from the second, so nothing else runs on
+    the unselected tokens. Bit-identical to the full call when every token is selected."""
+    x = args[0] if args else kwargs["hidden_states"]
+    rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "encoder_hidden_states")}
+    if len(args) > 1:
+        raise ValueError("basic_self_attention: attn1 called with positional arguments after hidden_states")
+    return (run(gather_rows(x, index["video"]), encoder_hidden_states=x, **rest),)

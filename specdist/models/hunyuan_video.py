@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Conditioning, DualStreamAdapter, EncodedPrompts, StreamSpec, timestep_batch
+from .base import (Conditioning, DualStreamAdapter, EncodedPrompts, StreamSpec, TokenBranch, TokenSpec,
+                   timestep_batch)
 from .context_parallel import HUNYUAN_VIDEO_CP_PLAN, apply_hunyuan_video_mask
 
 _STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(0, 1))
@@ -33,6 +34,32 @@ class HunyuanVideoAdapter(DualStreamAdapter):
     def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
         # Every block (dual and single stream) takes and returns (hidden_states, encoder_hidden_states).
         return _STREAMS
+
+    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
+        # Video and text tokens may both be refreshed, each stream with its own count. Dual-stream
+        # blocks: joint attention, then row-wise ff (video) and ff_context (text). Single-stream
+        # blocks: proj_mlp (rows of [video, text]), the attention's selected rows and the MLP's meet
+        # in proj_out, which runs on the selected rows only and is scattered into its forecast.
+        if model.config.image_condition_type == "token_replace":
+            raise NotImplementedError("HunyuanVideo with image_condition_type='token_replace': token-level caching "
+                                      "is not supported (its blocks treat the first frame's tokens apart)")
+        both = ("video", "text")
+        if index < len(model.transformer_blocks):
+            return TokenSpec(both, {"attn": TokenBranch("attention", both), "ff": TokenBranch("rows", ("video",)),
+                                    "ff_context": TokenBranch("rows", ("text",))},
+                             kv={"attn.to_k": "video", "attn.to_v": "video", "attn.add_k_proj": "text",
+                                 "attn.add_v_proj": "text"})
+        return TokenSpec(both, {"attn": TokenBranch("attention", both), "proj_mlp": TokenBranch("rows", ("joint",)),
+                                "act_mlp": TokenBranch("pass", ("joint",)),
+                                "proj_out": TokenBranch("gathered", ("joint",))},
+                         kv={"attn.to_k": "joint", "attn.to_v": "joint"})
+
+    def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
+        from .hunyuan_tokens import joint_attention_subset
+
+        return joint_attention_subset(module, kwargs["hidden_states"], kwargs["encoder_hidden_states"],
+                                      kwargs.get("attention_mask"), kwargs.get("image_rotary_emb"),
+                                      index["video"], index["text"])
 
     def latent_shape(self, model, height, width, frames) -> tuple[int, ...]:
         return (model.config.in_channels, frames, height, width)

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BranchSpec, Conditioning, ModelAdapter, basic_block_branches, timestep_batch
+from .base import (BranchSpec, Conditioning, ModelAdapter, TokenSpec, basic_block_branches, basic_block_tokens,
+                   basic_self_attention, timestep_batch)
 
 
 def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
@@ -40,6 +41,12 @@ class PixArtAdapter(ModelAdapter):
 
     def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
         return basic_block_branches(model.transformer_blocks[index])
+
+    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
+        return basic_block_tokens(model.transformer_blocks[index])
+
+    def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
+        return basic_self_attention(run, args, kwargs, index)
 
     def context_parallel_unsupported(self, model: nn.Module) -> str | None:
         return ("PixArtTransformer2DModel cannot run context-parallel in diffusers 0.42.1 (its attention processor, "

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BranchSpec, Conditioning, EncodedPrompts, ModelAdapter, timestep_batch
+from .base import (BranchSpec, Conditioning, EncodedPrompts, ModelAdapter, TokenBranch, TokenSpec,
+                   timestep_batch)
 
 
 class WanAdapter(ModelAdapter):
@@ -35,6 +36,22 @@ class WanAdapter(ModelAdapter):
     def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
         # self-attention (gate_msa), cross-attention (ungated), FFN (c_gate_msa)
         return BranchSpec(cached=("attn1", "attn2", "ffn"))
+
+    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
+        # one video stream; self-attention on selected queries; cross-attention and FFN row-wise;
+        # the text (block argument 1) is attended to and never refreshed
+        if model.config.added_kv_proj_dim is not None:
+            raise NotImplementedError("Wan I2V (image cross-attention): token-level caching is not supported")
+        return TokenSpec(("video",), {"attn1": TokenBranch("attention"), "attn2": TokenBranch("rows"),
+                                      "ffn": TokenBranch("rows")}, context=("encoder_hidden_states", 1),
+                         kv={"attn1.to_k": "video", "attn1.to_v": "video"})
+
+    def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
+        from .wan_tokens import self_attention_subset
+
+        x = args[0] if args else kwargs["hidden_states"]
+        rotary = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
+        return (self_attention_subset(module, x, rotary, index["video"]),)
 
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels, frames, height, width)

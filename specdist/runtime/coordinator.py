@@ -51,7 +51,8 @@ class RunResult:
     windows: list[list[int]] = field(default_factory=list)
     closed_at: list[list[int]] = field(default_factory=list)
     errors: list[list[float | None]] = field(default_factory=list)
-    drafts: list[int] = field(default_factory=list)  # latency: draft calls per sample
+    drafts: list[int] = field(default_factory=list)  # latency: draft calls per sample (delivered)
+    draft_jobs: list[int] = field(default_factory=list)  # latency: draft jobs submitted per sample
 
 
 def job_for(request: Request, job_id: int, sample: int, traj: Trajectory) -> Job:
@@ -98,6 +99,7 @@ class Coordinator:
                 pool.cancel(jid)
                 stats.cancel_requests += 1
         jobs_per_sample = [0] * len(trajs)
+        drafts_per_sample = [0] * len(trajs)
         bar = tqdm(total=sum(t.steps for t in trajs), desc="latency: steps committed", unit="step",
                    disable=not self.progress, leave=False)
         committed = 0
@@ -117,6 +119,7 @@ class Coordinator:
                     submitted.add((i, req.window, req.kind, req.step, req.record))
                     stats.jobs_submitted += 1
                     jobs_per_sample[i] += req.kind == FULL
+                    drafts_per_sample[i] += req.kind != FULL
             stats.coordinator_s += time.perf_counter() - t0
             results, last = self._collect(inflight, last)
             t0 = time.perf_counter()
@@ -156,6 +159,7 @@ class Coordinator:
             closed_at=[t.stats.closed_at for t in trajs],
             errors=[t.stats.errors for t in trajs],
             drafts=[t.stats.drafts for t in trajs],
+            draft_jobs=drafts_per_sample,
         )
 
     def _drain(self, inflight: dict, stats: RunStats, last: float, cancel) -> None:

@@ -29,8 +29,9 @@ def runtime_report(cfg: Any, result: RunResult) -> dict[str, Any]:
         "transport": pool.get("transport"),
         "per_sample": [
             {"decisions": d, "accepted": d.count("A"), "rejected": d.count("R"), "anchors": a, "jobs": n,
+             "draft_jobs": result.draft_jobs[k] if result.draft_jobs else 0,
              "mean_accepted_run": round(mean_accepted_run(d), 3)}
-            for d, a, n in zip(result.decisions, result.anchors, result.nfe)
+            for k, (d, a, n) in enumerate(zip(result.decisions, result.anchors, result.nfe))
         ],
         "jobs": {k: v for k, v in dataclasses.asdict(s).items() if k.startswith("jobs_") or k == "cancel_requests"},
         "cancelled_mid_forward": pool.get("cancelled_mid_forward", 0),

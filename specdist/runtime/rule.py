@@ -21,7 +21,15 @@ error is ``err(p, F(x̂))`` on the output, so a quality target books it with the
 damage weights): draft ``j`` is accepted while the rule accepts. The window closes at ``j*``, the
 first rejection or forced step (or ``K'``): ``x̂_{c+j*}`` is committed (its predecessors were
 accepted) with ``F(x̂_{c+j*})`` as the next anchor; later drafts are dropped (their jobs cancelled).
-The full features of every committed state of the window join the history.
+Only anchors' full features join the history (tried: every verified state as well — the history
+then mixes states that drafts produced, and the video zoo model needed 27 anchors instead of 20).
+
+*Reuse* (``runtime.reuse``, Picard / ParaDiGMS style): after a rejection at ``j*`` the closed
+window's reference outputs at the later steps, computed at its (now dropped) drafted states, are
+what was already paid for; the next window takes them as its predictions at those steps instead
+of fresh drafts (they are the full model at a nearby state), so their jobs are kept, not
+cancelled, and the new window covers at least the steps it can reuse. Each reused prediction is
+verified against the reference output at the new state like any draft.
 
 ``K' = min(K, steps − 1 − c, next forced step − c)`` and ``K`` adapts from committed history only
 (doubles after a fully accepted window, shrinks to ``j* + 1`` after a rejection at ``j*``).
