@@ -192,6 +192,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--target", type=float, default=35.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--previous-workers", type=int, nargs="*", default=[4, 8],
+                        help="worker counts of the previous rule's rows")
+    parser.add_argument("--picard-windows", type=int, nargs="*", default=[8, 16])
+    parser.add_argument("--picard-tols", type=float, nargs="*", default=[0.1, 0.3, 1.0])
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -208,14 +212,14 @@ def main() -> None:
                       f"runtime.workers={w}"])
         rows.append(r)
         print(r["row"], w, round(r["speedup"], 2), r["psnr"], r["critical_path_full_steps"], flush=True)
-    for w in (4, 8):
+    for w in args.previous_workers:
         r = rule_row(job, "previous rule (output-level drafts, τ 0.05)", w,
                      ["cache.tau0=0.05", "cache.beta=1.0", "cache.granularity=output", "cache.order=1",
                       f"runtime.lookahead=8", f"runtime.workers={w}"])
         rows.append(r)
         print(r["row"], w, round(r["speedup"], 2), r["psnr"], flush=True)
-    for w in (8, 16):
-        for tol in (0.1, 0.3, 1.0):
+    for w in args.picard_windows:
+        for tol in args.picard_tols:
             r = picard_row(job, w, tol)
             rows.append(r)
             print(r["row"], round(r["speedup"], 2), r["psnr"], flush=True)
