@@ -8,8 +8,8 @@ level (recompute / forecast / reuse) over the trajectory; and the token selectio
 (scoring and sorting; wall time) as a share of full inference. Knobs were chosen on dit-shapes and
 hunyuan-shapes-video only; wan-shapes is held out (same sweep, reported as untuned).
 
-    python benchmarks/token.py                 # writes benchmarks/results/token.{md,json} and token_levels.png
-    python benchmarks/token.py --samples 2 --steps 20 --models dit-shapes   # a quick look
+    python benchmarks/token_level.py                 # writes benchmarks/results/token.{md,json} and token_levels.png
+    python benchmarks/token_level.py --samples 2 --steps 20 --models dit-shapes   # a quick look
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def main() -> None:
     (out / "token.json").write_text(json.dumps({"models": models, "environment": environment(),
                                                 "samples": args.samples, "steps": args.steps}, indent=1))
     lines = ["# Token-level caching (specdiff, token-level taylorseer) vs block level", "",
-             f"`python benchmarks/token.py --samples {args.samples} --steps {args.steps}` — {args.samples} samples "
+             f"`python benchmarks/token_level.py --samples {args.samples} --steps {args.steps}` — {args.samples} samples "
              f"(seeds 0…), {args.steps} steps, CPU (2 cores shared), one run; {time.perf_counter() - began:.0f} s "
              "in all. Speedup FLOPs = steps / full-forward equivalents that really ran (token steps counted "
              "block by block on their selected tokens, `specdist.engine.tokens.call_cost`); wall = full's wall "
