@@ -1,0 +1,62 @@
+"""What each rank of the torchrun gang-pool failure test runs (gloo on CPU, started by
+:func:`gang_ranks.run_world`): rank 0 is the torchrun coordinator (:func:`run_distributed` with
+``runtime.backend=torchrun``), the other ranks run :func:`run_worker_rank` exactly as
+``specdist generate`` does under torchrun; one member is SIGKILLed in the middle of a model call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+
+from specdist.config import load_config
+from specdist.errors import SpecdistError
+from specdist.generate import job_inputs
+from specdist.loading import load_model
+from specdist.runtime import torchrun_backend
+from specdist.runtime.run import run_distributed, worker_spec
+from specdist.sampling import initial_noise
+
+
+def _kill_on_call(n: int):
+    """Wrap ``enable_context_parallel`` so that this rank SIGKILLs itself inside its ``n``-th model call
+    (in the first block, after the call's first collectives)."""
+    enable = torchrun_backend.enable_context_parallel
+
+    def wrapped(model, adapter, gang, backend="native"):
+        out = enable(model, adapter, gang, backend)
+        calls = {"n": 0}
+
+        def die(module, args):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        adapter.blocks(model)[0].register_forward_pre_hook(die)
+        return out
+    torchrun_backend.enable_context_parallel = wrapped
+
+
+def member_dies(rank: int, world: int, overrides: list[str], victim: int, call: int) -> dict | None:
+    """Rank 0 returns the run's error and how long after the start it came; workers serve."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    cfg = load_config(None, [*overrides, "runtime.backend=torchrun"])
+    if rank != 0:
+        if rank == victim:
+            _kill_on_call(call)
+        torchrun_backend.run_worker_rank(cfg, worker_spec(cfg, [], [], 1.0))
+        return {"rank": rank}
+    bundle = load_model(cfg.model)
+    prompts, labels = job_inputs(cfg, bundle)
+    noise = initial_noise(bundle.latent_shape(None, None, None), [cfg.seed + i for i in range(cfg.num_samples)])
+    start = time.perf_counter()
+    try:
+        run_distributed(cfg, bundle, noise, prompts, labels, cfg.guidance_scale or bundle.default_guidance,
+                        progress=False, log=lambda m: None)
+    except SpecdistError as exc:
+        return {"error": str(exc), "seconds": time.perf_counter() - start, "type": type(exc).__name__}
+    raise AssertionError("the run survived a dead gang member")
+
+
+__all__ = ["member_dies"]
