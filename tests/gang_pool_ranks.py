@@ -38,25 +38,44 @@ def _kill_on_call(n: int):
     torchrun_backend.enable_context_parallel = wrapped
 
 
-def member_dies(rank: int, world: int, overrides: list[str], victim: int, call: int) -> dict | None:
-    """Rank 0 returns the run's error and how long after the start it came; workers serve."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    cfg = load_config(None, [*overrides, "runtime.backend=torchrun"])
-    if rank != 0:
-        if rank == victim:
-            _kill_on_call(call)
-        torchrun_backend.run_worker_rank(cfg, worker_spec(cfg, [], [], 1.0))
-        return {"rank": rank}
+def job(overrides: list[str]):
+    """The job of ``overrides`` as ``specdist generate`` builds it, as :func:`run_distributed`'s
+    positional arguments: config, model, noise, prompts, labels, guidance."""
+    cfg = load_config(None, overrides)
     bundle = load_model(cfg.model)
     prompts, labels = job_inputs(cfg, bundle)
     noise = initial_noise(bundle.latent_shape(None, None, None), [cfg.seed + i for i in range(cfg.num_samples)])
+    return cfg, bundle, noise, prompts, labels, cfg.guidance_scale or bundle.default_guidance
+
+
+def _serve(rank: int, overrides: list[str], victim: int | None, call: int) -> dict:
+    cfg = load_config(None, [*overrides, "runtime.backend=torchrun"])
+    if rank == victim:
+        _kill_on_call(call)
+    return {"jobs": torchrun_backend.run_worker_rank(cfg, worker_spec(cfg, [], [], 1.0))}
+
+
+def run_job(rank: int, world: int, overrides: list[str]) -> dict:
+    """Rank 0 returns the run's latents (as lists) and decisions; workers serve."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if rank != 0:
+        return _serve(rank, overrides, None, 0)
+    run = run_distributed(*job([*overrides, "runtime.backend=torchrun"]), progress=False, log=lambda m: None)
+    return {"latents": run.latents.tolist(), "decisions": run.decisions, "layout": run.stats.extra["layout"]}
+
+
+def member_dies(rank: int, world: int, overrides: list[str], victim: int, call: int) -> dict | None:
+    """Rank 0 returns the run's error and how long after the start it came; workers serve."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if rank != 0:
+        return _serve(rank, overrides, victim, call)
+    args = job([*overrides, "runtime.backend=torchrun"])
     start = time.perf_counter()
     try:
-        run_distributed(cfg, bundle, noise, prompts, labels, cfg.guidance_scale or bundle.default_guidance,
-                        progress=False, log=lambda m: None)
+        run_distributed(*args, progress=False, log=lambda m: None)
     except SpecdistError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - start, "type": type(exc).__name__}
     raise AssertionError("the run survived a dead gang member")
 
 
-__all__ = ["member_dies"]
+__all__ = ["job", "member_dies", "run_job"]
