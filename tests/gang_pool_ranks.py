@@ -9,7 +9,6 @@ import os
 import signal
 import time
 
-import torch
 
 from specdist.config import load_config
 from specdist.errors import SpecdistError

@@ -318,7 +318,7 @@ def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = T
     # encoded prompts (workers load no text encoder), speca's calibration (throughput generations with
     # a quality target) and the layout every rank builds its groups from
     dist.broadcast_object_list([cond, spec.calibration, dims], src=0)
-    view = join_layout(cfg.runtime, dims, rank, "cpu")
+    view = join_layout(cfg.runtime, dims, rank, spec.device)
     pool = TorchrunPool(list(dims.leaders), view.world_ctrl, cfg.runtime.job_timeout_s, dims.gang_size)
     gangs = (f" = {dims.workers} gangs of {dims.gang_size} (ulysses_degree={dims.ulysses_degree}, "
              f"ring_degree={dims.ring_degree}), leaders {list(dims.leaders)}" if dims.gang_size > 1 else "")
