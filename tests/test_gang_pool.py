@@ -14,7 +14,10 @@
   mode with block-level features (sharded over the gang); throughput mode with a caching method.
 * A gang member SIGKILLed inside a model call: its leader's next collective fails at once
   (``GangFailure``), the leader reports it, and rank 0 ends the run with one line naming the gang,
-  long before ``runtime.job_timeout_s``; every other rank ends.
+  long before ``runtime.job_timeout_s``; every other rank ends. A member that hangs instead: the
+  run ends with one line after ``runtime.job_timeout_s`` (rank 0's bound on a job, or the leader's
+  bounded collective, whichever comes first); every rank but the hung one ends (torchrun's agent
+  ends that one).
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ def test_torchrun_launcher_with_two_gangs_of_two_matches_single_process(tmp_path
 
 
 def test_killed_gang_member_fails_the_run_clearly(tmp_path):
-    overrides = [a for a in JOB if not a.startswith(("reference", "output."))]
-    overrides += ["runtime.workers=2", "runtime.gang_size=2", "runtime.job_timeout_s=60"]
-    records = run_world(gang_pool_ranks.member_dies, 5, tmp_path, overrides, 2, 2, deadline_s=120)
+    overrides = [a for a in JOB if not a.startswith(("reference", "output.", "steps"))]
+    overrides += ["steps=4", "runtime.workers=2", "runtime.gang_size=2", "runtime.job_timeout_s=60"]
+    records = run_world(gang_pool_ranks.member_fails, 5, tmp_path, overrides, 2, 2, "kill", deadline_s=120)
     coordinator, victim = records[0], records[2]
     assert victim["exitcode"] == -9
     assert coordinator["ok"], coordinator["error"]
@@ -92,7 +95,7 @@ def test_killed_gang_member_fails_the_run_clearly(tmp_path):
 
 
 def test_throughput_full_generations_on_gangs_match_single_process(tmp_path):
-    overrides = ["model=hunyuan-shapes-video", "steps=6", "num_samples=2", "method=full", "runtime.mode=throughput",
+    overrides = ["model=hunyuan-shapes-video", "steps=4", "num_samples=2", "method=full", "runtime.mode=throughput",
                  "runtime.workers=2", "runtime.gang_size=2"]
     records = run_world(gang_pool_ranks.run_job, 5, tmp_path, overrides, deadline_s=120)
     for r, rec in enumerate(records):
@@ -127,3 +130,20 @@ def test_what_gangs_do_not_run_is_refused_at_once(video, sets, message):
     with pytest.raises(ConfigError, match=message) as err:
         job_layout(cfg, video, (3, 8, 32, 32))
     assert "\n" not in str(err.value)
+
+
+def test_hung_gang_member_fails_the_run_within_the_job_timeout(tmp_path):
+    overrides = [a for a in JOB if not a.startswith(("reference", "output.", "steps"))]
+    overrides += ["steps=4", "runtime.workers=2", "runtime.gang_size=2", "runtime.job_timeout_s=4"]
+    records = run_world(gang_pool_ranks.member_fails, 5, tmp_path, overrides, 2, 2, "hang", deadline_s=120, hung={2})
+    coordinator = records[0]
+    assert coordinator["ok"], coordinator["error"]
+    err, seconds = coordinator["result"]["error"], coordinator["result"]["seconds"]
+    print(f"hung member: rank 0 failed after {seconds:.2f} s: {err}")
+    # rank 0's own bound on a job, or the leader's bounded collective (GangFailure), whichever comes first
+    assert "gang led by rank 1" in err, err
+    assert ("gave no result for job" in err and "runtime.job_timeout_s" in err) or "GangFailure" in err, err
+    assert 4.0 <= seconds < 30.0
+    assert records[2]["reaped"]  # still blocked: the pool's launcher (torchrun) ends it
+    for r in (1, 3, 4):
+        assert records[r]["ok"] and not records[r]["alive_after"], (r, records[r])

@@ -190,7 +190,8 @@ class TorchrunPool(WorkerPool):
         now = time.perf_counter()
         for rank, (job, since) in self.busy.items():
             if now - since > self.job_timeout_s:
-                raise WorkerFailure(f"torchrun worker rank {rank} gave no result for job {job.id} in "
+                where = f"gang led by rank {rank}" if self.gang_size > 1 else f"rank {rank}"
+                raise WorkerFailure(f"torchrun worker {where} gave no result for job {job.id} in "
                                     f"{self.job_timeout_s:g} s (runtime.job_timeout_s)")
         return out
 
