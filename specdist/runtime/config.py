@@ -73,8 +73,9 @@ class RuntimeConfig:
     max_retries: int = 2
     """Resubmissions of one job after worker failures before the run fails."""
     gang_size: int | str = 1
-    """ray, torchrun: ranks per worker. Each worker is a *gang* of this many ranks (GPUs) that runs one
-    model call together with diffusers context parallelism (``ulysses_degree × ring_degree``);
+    """torchrun (ray: validated, then refused: not run yet): ranks per worker. Each worker is a *gang*
+    of this many ranks (GPUs) that runs one model call together with diffusers context parallelism
+    (``ulysses_degree × ring_degree``);
     ``runtime.workers`` counts gangs, so the world is 1 coordinator + workers × gang_size ranks.
     ``auto``: the split of the devices into gangs that the emulated cost model picks
     (:mod:`specdist.runtime.gang_cost`). 1: one device per worker, no context parallelism."""

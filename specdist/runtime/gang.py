@@ -16,8 +16,9 @@ Failures are bounded: the mesh and ``ctrl`` groups are created with ``timeout_s`
 hangs makes the others' next collective fail after it), a member that dies closes its sockets (gloo
 fails the peers' collectives at once). Either way every rank of the gang raises
 :class:`GangFailure` naming the gang; after a failed collective the gang's groups are unusable, so
-the pool must drop the whole gang and end its processes (phase 2: Ray kills the gang's actors;
-torchrun ends the job).
+the pool must drop the whole gang and end its processes (the torchrun pool's leader answers every
+job of a failed gang ``failed`` and rank 0 ends the run, :func:`specdist.runtime.torchrun_backend.serve`;
+the ray pool does not run gangs yet).
 """
 
 from __future__ import annotations

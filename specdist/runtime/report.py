@@ -45,6 +45,9 @@ def runtime_report(cfg: Any, result: RunResult) -> dict[str, Any]:
         "coordinator_s_per_step": s.coordinator_s / max(steps, 1),
         "wall_s": round(s.wall_s, 4),
     }
+    layout = s.extra.get("layout")
+    if layout:  # torchrun: workers × gang_size (ulysses × ring) and the ranks rank 0 talks to
+        out.update(layout)
     if rt.mode == "latency":
         out["lookahead"] = rt.lookahead
         out["adaptive_lookahead"] = rt.adaptive_lookahead

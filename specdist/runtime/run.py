@@ -86,10 +86,11 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     ``actors`` are the Ray actor handles on ``ray`` (see :func:`~.ray_backend.run_on_ray`), else ``None``.
     """
     rt: RuntimeConfig = cfg.runtime
-    if rt.backend in ("ray", "torchrun"):  # the layout fits (model, machine) or the run ends here, at once
-        job_layout(cfg, bundle, tuple(noise.shape[1:]))
     spec = worker_spec(cfg, prompts, labels, guidance, calibration)
     cond = encode_all(bundle, spec) if cond is None else cond
+    dims = None
+    if rt.backend in ("ray", "torchrun"):  # the layout fits (model, machine, prompts) or the run ends here, at once
+        dims = job_layout(cfg, bundle, tuple(noise.shape[1:]), cond)
     dtype = model_dtype(bundle.transformer)
     plan = (build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, dtype, calibration)
             if rt.mode == "latency" else noise)
@@ -116,5 +117,5 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     if rt.backend == "torchrun":
         from .torchrun_backend import run_on_torchrun
 
-        return run_on_torchrun(cfg, spec, plan, progress=progress, log=log, cond=cond.to("cpu"))
+        return run_on_torchrun(cfg, spec, plan, progress=progress, log=log, cond=cond.to("cpu"), dims=dims)
     raise ValueError(f"run_distributed: backend {rt.backend!r} is not a distributed backend")

@@ -1,4 +1,6 @@
-"""The ``torchrun`` backend: SPMD ranks, rank 0 coordinates, ranks 1..W are reference workers.
+"""The ``torchrun`` backend: SPMD ranks, rank 0 coordinates, the other ranks are reference workers
+(with ``runtime.gang_size > 1`` each worker is a gang of ranks: rank 0 talks to its leader, which
+broadcasts every job to its members, :mod:`specdist.runtime.gang`).
 
 Messages are torch.distributed point-to-point sends on the default group (``gloo`` on CPU, ``nccl``
 on GPUs): a fixed header (``int64[8]``: op, job id, sample, step, window, timestep dtype code,
@@ -26,7 +28,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SpecdistError
+from .gang import Gang, GangFailure, GangRanks, build_gangs, enable_context_parallel, gang_call, serve_gang, stop_gang
 from .jobs import CANCELLED, DONE, DRAFT, GENERATION, STEP, Job, JobResult, WorkerSpec
+from .parallel_dims import ParallelDims
 from .pool import PoolStats, WorkerFailure, WorkerPool, drain, tensor_bytes
 
 OP_STOP, OP_STEP, OP_GEN, OP_RESULT, OP_DRAFT = 0, 1, 2, 3, 4
@@ -42,16 +46,23 @@ def rank_info() -> tuple[int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def init(rt: Any, device: str) -> tuple[int, int, Any]:
-    """Join the process group (and the cancel group); checks the world size against the config."""
+def gang_size_of(rt: Any) -> int:
+    """Ranks per worker of ``rt`` (``auto`` is one rank without an accelerator; see :func:`~.layout.job_layout`)."""
+    return 1 if rt.gang_size == "auto" else int(rt.gang_size)
+
+
+def init(rt: Any, device: str) -> tuple[int, int]:
+    """Join the process group; checks the world size against the config (1 coordinator + workers ×
+    gang_size). The cancel and gang groups come later, from :func:`join_layout` (every rank)."""
     info = rank_info()
     if info is None:
         raise SpecdistError("runtime.backend=torchrun needs torchrun (RANK/WORLD_SIZE unset); "
                             "launch with launch/torchrun.sh or use runtime.backend=local|ray")
     rank, world = info
-    if world != rt.workers + 1:
-        raise SpecdistError(f"runtime.workers={rt.workers} needs WORLD_SIZE={rt.workers + 1} "
-                            f"(rank 0 coordinates), but torchrun started {world} processes")
+    g = gang_size_of(rt)
+    if world != rt.workers * g + 1:
+        raise SpecdistError(f"runtime.workers={rt.workers} × runtime.gang_size={g} needs WORLD_SIZE="
+                            f"{rt.workers * g + 1} (rank 0 coordinates), but torchrun started {world} processes")
     use_cuda = device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
@@ -60,8 +71,16 @@ def init(rt: Any, device: str) -> tuple[int, int, Any]:
         # idle ranks block in receives for as long as a run lasts; rank 0 bounds waits for results
         # itself (runtime.job_timeout_s), and torchrun tears the group down when a rank dies
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(rt.startup_timeout_s, 86400)))
-    ctrl = dist.new_group(backend="gloo")
-    return rank, world, ctrl
+    return rank, world
+
+
+def join_layout(rt: Any, dims: ParallelDims, rank: int, device: str) -> GangRanks:
+    """Every rank: create the layout's groups (:func:`~.gang.build_gangs`: per gang its mesh,
+    ``ctrl`` and ``dispatch`` groups, then the world's cancel group). A gang's collectives are bounded
+    by ``runtime.job_timeout_s``."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if device != "cpu" and torch.cuda.is_available() \
+        else torch.device("cpu")
+    return build_gangs(dims, rank, dev, rt.job_timeout_s)
 
 
 def _wire() -> torch.device:
@@ -107,9 +126,10 @@ class TorchrunPool(WorkerPool):
     (gloo's ``irecv`` cannot be polled for completion), and queues the result.
     """
 
-    def __init__(self, world: int, ctrl: Any, job_timeout_s: float) -> None:
+    def __init__(self, ranks: list[int], ctrl: Any, job_timeout_s: float, gang_size: int = 1) -> None:
         super().__init__()
-        self.ranks = list(range(1, world))
+        self.ranks = list(ranks)  # the workers' ranks (each gang's leader)
+        self.gang_size = gang_size
         self.ctrl, self.job_timeout_s = ctrl, job_timeout_s
         self.busy: dict[int, tuple[Job, float]] = {}  # rank -> (job, since)
         self.results: queue.Queue = queue.Queue()
@@ -117,7 +137,8 @@ class TorchrunPool(WorkerPool):
         self.threads = [threading.Thread(target=self._receiver, args=(r,), daemon=True) for r in self.ranks]
         for t in self.threads:
             t.start()
-        self.stats = PoolStats(transport=f"torch.distributed p2p ({dist.get_backend()})")
+        gangs = f"; gangs of {gang_size}: job inputs broadcast by each leader" if gang_size > 1 else ""
+        self.stats = PoolStats(transport=f"torch.distributed p2p ({dist.get_backend()}){gangs}")
 
     @property
     def workers(self) -> int:
@@ -163,12 +184,14 @@ class TorchrunPool(WorkerPool):
         for r in out:
             self.busy.pop(r.worker, None)
             if r.status == "failed":
-                raise WorkerFailure(f"job {r.job.id} failed on torchrun worker rank {r.worker}: "
+                where = f"gang led by rank {r.worker}" if self.gang_size > 1 else f"rank {r.worker}"
+                raise WorkerFailure(f"job {r.job.id} failed on torchrun worker {where}: "
                                     f"{r.error or r.meta.get('error')}")
         now = time.perf_counter()
         for rank, (job, since) in self.busy.items():
             if now - since > self.job_timeout_s:
-                raise WorkerFailure(f"torchrun worker rank {rank} gave no result for job {job.id} in "
+                where = f"gang led by rank {rank}" if self.gang_size > 1 else f"rank {rank}"
+                raise WorkerFailure(f"torchrun worker {where} gave no result for job {job.id} in "
                                     f"{self.job_timeout_s:g} s (runtime.job_timeout_s)")
         return out
 
@@ -194,8 +217,39 @@ class TorchrunPool(WorkerPool):
             t.join(timeout=10)
 
 
-def serve(worker: Any, ctrl: Any) -> int:
-    """A worker rank's loop: receive jobs from rank 0, run them, send results; returns jobs run."""
+def _job_dict(job: Job) -> dict:
+    return dataclasses.asdict(job)
+
+
+def _gang_fn(worker: Any, rank: int, flag_of: Callable[[int], threading.Event]) -> Callable[[dict, torch.Tensor], Any]:
+    """What every rank of a gang runs for one job (:func:`~.gang.gang_call`): the worker's call on the
+    leader's job and input, cancellable only as the whole gang (the worker agrees on the flag)."""
+    def fn(meta: dict, x: torch.Tensor) -> JobResult:
+        job = Job(**meta)
+        return worker.run(job, (x,), flag_of(job.id), rank)
+    return fn
+
+
+def _reply(r: JobResult) -> None:
+    output = r.output.float() if r.status == DONE and r.output is not None else None
+    features = tuple(r.features) if r.status == DONE else ()
+    reply = _blob_bytes({"meta": r.meta, "output": None if output is None else _describe((output,))[0],
+                         "features": _describe(features)})
+    _send(torch.tensor([OP_RESULT, r.job.id, 0, 0, 0, 0, _STATUS.index(r.status), len(reply)], dtype=torch.int64), 0)
+    _send(torch.tensor([r.compute_s], dtype=torch.float64), 0)
+    _send(torch.tensor(list(reply), dtype=torch.uint8), 0)
+    for t in ((output,) if output is not None else ()) + features:
+        _send(t, 0)
+
+
+def serve(worker: Any, ctrl: Any, gang: Gang | None = None) -> int:
+    """A worker rank's loop (a gang's leader with ``gang``): receive jobs from rank 0, run them (on
+    the whole gang), send results; returns jobs run.
+
+    A gang that failed (:class:`~.gang.GangFailure`: a member died, hung past ``runtime.job_timeout_s``
+    or raised) answers this job and every later one with ``failed`` and the failure's message, so
+    rank 0 ends the run with it; the leader does not touch the gang's broken groups again.
+    """
     flags: dict[int, threading.Event] = {}
     lock = threading.Lock()
 
@@ -209,73 +263,101 @@ def serve(worker: Any, ctrl: Any) -> int:
             with lock:
                 flags.setdefault(job_id, threading.Event()).set()
 
+    def flag_of(job_id: int) -> threading.Event:
+        with lock:
+            return flags.setdefault(job_id, threading.Event())
+
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     rank, runs = dist.get_rank(), 0
+    broken: str | None = None  # the gang's failure, once it failed
+    fn = _gang_fn(worker, rank, flag_of) if gang is not None else None
     while True:
         h = _recv((_HEADER,), torch.int64, 0).tolist()
         ts = _recv((1,), torch.float64, 0)
         if h[0] == OP_STOP:
+            if gang is not None and broken is None:
+                stop_gang(gang)
             listener.join(timeout=10)
             return runs
         kind = {OP_GEN: GENERATION, OP_DRAFT: DRAFT}.get(h[0], STEP)
         blob = json.loads(bytes(_recv((h[7],), torch.uint8, 0).tolist()).decode())
         tensors = _recv_tensors(blob["tensors"], 0)
         job = Job(h[1], kind, h[2], h[3], float(ts[0]), _TS_DTYPES[h[5]], h[4], blob["job"])
-        with lock:
-            flag = flags.setdefault(job.id, threading.Event())
+        flag = flag_of(job.id)
         try:
-            r = worker.run(job, tensors, flag, rank)
+            if broken is not None:
+                raise GangFailure(broken)
+            if gang is None:
+                r = worker.run(job, tensors, flag, rank)
+            elif len(tensors) != 1:
+                raise SpecdistError(f"a {job.kind} job with {len(tensors)} tensors cannot run on a gang (one input)")
+            else:
+                r = gang_call(gang, fn, _job_dict(job), tensors[0])
+        except GangFailure as exc:
+            broken = str(exc)
+            r = JobResult(job, "failed", None, rank, 0.0, {"error": f"GangFailure: {exc}"})
         except Exception as exc:  # reported to rank 0, which fails the run clearly
             r = JobResult(job, "failed", None, rank, 0.0, {"error": f"{type(exc).__name__}: {exc}"})
         with lock:
             flags.pop(job.id, None)
-        output = r.output.float() if r.status == DONE and r.output is not None else None
-        features = tuple(r.features) if r.status == DONE else ()
-        reply = _blob_bytes({"meta": r.meta, "output": None if output is None else _describe((output,))[0],
-                             "features": _describe(features)})
-        _send(torch.tensor([OP_RESULT, job.id, 0, 0, 0, 0, _STATUS.index(r.status), len(reply)], dtype=torch.int64), 0)
-        _send(torch.tensor([r.compute_s], dtype=torch.float64), 0)
-        _send(torch.tensor(list(reply), dtype=torch.uint8), 0)
-        for t in ((output,) if output is not None else ()) + features:
-            _send(t, 0)
+        _reply(r)
         runs += 1
 
 
 def run_on_torchrun(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
-                    log: Callable[[str], None] = print, cond: Any = None):
-    """Rank 0: coordinate ``plan`` over the worker ranks (which run :func:`run_worker_rank`); the
-    job's encoded conditioning ``cond`` (CPU tensors) is broadcast to them once."""
+                    log: Callable[[str], None] = print, cond: Any = None, dims: ParallelDims | None = None):
+    """Rank 0: coordinate ``plan`` over the workers (which run :func:`run_worker_rank`); the job's
+    encoded conditioning ``cond`` (CPU tensors) and the layout ``dims`` are broadcast to them once.
+    With gangs (``dims.gang_size > 1``) rank 0 talks to each gang's leader only."""
     from .run import coordinate
 
-    rank, world, ctrl = init(cfg.runtime, spec.device)
+    rank, world = init(cfg.runtime, spec.device)
     if rank != 0:
         raise SpecdistError("run_on_torchrun is rank 0's entry point; worker ranks call run_worker_rank")
-    dist.broadcast_object_list([cond, spec.calibration], src=0)  # encoded prompts (workers load no text
-    # encoder) and speca's calibration (throughput generations with a quality target)
-    pool = TorchrunPool(world, ctrl, cfg.runtime.job_timeout_s)
-    log(f"specdist: torchrun backend: {world - 1} worker ranks ({dist.get_backend()})")
+    dims = dims or ParallelDims.from_runtime(cfg.runtime, gang_size=gang_size_of(cfg.runtime))
+    # encoded prompts (workers load no text encoder), speca's calibration (throughput generations with
+    # a quality target) and the layout every rank builds its groups from
+    dist.broadcast_object_list([cond, spec.calibration, dims], src=0)
+    view = join_layout(cfg.runtime, dims, rank, spec.device)
+    pool = TorchrunPool(list(dims.leaders), view.world_ctrl, cfg.runtime.job_timeout_s, dims.gang_size)
+    gangs = (f" = {dims.workers} gangs of {dims.gang_size} (ulysses_degree={dims.ulysses_degree}, "
+             f"ring_degree={dims.ring_degree}), leaders {list(dims.leaders)}" if dims.gang_size > 1 else "")
+    log(f"specdist: torchrun backend: {world - 1} worker ranks{gangs} ({dist.get_backend()})")
     try:
         result = coordinate(pool, cfg, plan, progress)
     finally:
         pool.close()
         dist.destroy_process_group()
-    result.stats.extra.update(pool=pool.stats.__dict__)
+    result.stats.extra.update(pool=pool.stats.__dict__, layout={
+        "gang_size": dims.gang_size, "ulysses_degree": dims.ulysses_degree, "ring_degree": dims.ring_degree,
+        "world_size": dims.world_size, "leaders": list(dims.leaders)})
     return result
 
 
 def run_worker_rank(cfg: Any, spec: WorkerSpec) -> int:
-    """A worker rank (≥ 1): load the transformer from ``spec``, receive the job's shapes and encoded
-    conditioning from rank 0, and serve jobs until rank 0 stops."""
+    """A worker rank (≥ 1): load the transformer from ``spec``, receive the job's encoded
+    conditioning and layout from rank 0, and serve jobs until rank 0 stops. In a gang the leader
+    serves rank 0 (:func:`serve`) and the members take part in each of its calls
+    (:func:`~.gang.serve_gang`), the model running under diffusers context parallelism."""
     from .worker import StepWorker, load_worker_model
 
-    rank, world, ctrl = init(cfg.runtime, spec.device)
+    rank, world = init(cfg.runtime, spec.device)
     bundle = load_worker_model(spec)  # before the broadcast: rank 0 waits there until every rank has loaded
-    box: list[Any] = [None, None]
+    box: list[Any] = [None, None, None]
     dist.broadcast_object_list(box, src=0)
+    dims: ParallelDims = box[2]
+    view = join_layout(cfg.runtime, dims, rank, spec.device)
+    gang = view.gang
+    if gang is not None:
+        backend = "native" if spec.attention_backend == "auto" else spec.attention_backend
+        enable_context_parallel(bundle.transformer, bundle.adapter, gang, backend)
     worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, box[0],
-                        dataclasses.replace(spec, calibration=box[1]))
+                        dataclasses.replace(spec, calibration=box[1]), group=None if gang is None else gang.ctrl)
     try:
-        return serve(worker, ctrl)
+        if gang is None or gang.is_leader:
+            return serve(worker, view.world_ctrl, gang)
+        never = threading.Event()  # a member sees no cancel itself: the leader's flag is agreed per block
+        return serve_gang(gang, _gang_fn(worker, rank, lambda _id: never))
     finally:
         worker.close()

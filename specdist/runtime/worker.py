@@ -22,6 +22,7 @@ from torch import nn
 from ..models.base import Conditioning, ModelAdapter
 from ..engine.hooks import SpeculationHooks
 from ..sampling import model_device, model_dtype
+from .agree import agree_flag
 from .jobs import CANCELLED, DONE, DRAFT, GENERATION, Job, JobResult, WorkerSpec
 
 _HOOK = "specdist_runtime_cancel"
@@ -51,19 +52,24 @@ class JobCancelled(Exception):
 
 class _CancelHook(ModelHook):
     """Before each block: stop if this thread's job was cancelled; wait the emulated block time
-    (``state.block_wait_s``: a full call's or a draft's share, set per job)."""
+    (``state.block_wait_s``: a full call's or a draft's share, set per job).
 
-    def __init__(self, state: threading.local) -> None:
+    In a gang (``group``: the gang's ``ctrl`` group) the flag is agreed before every block
+    (:func:`~specdist.runtime.agree.agree_flag`: the leader sees rank 0's cancel, the members do not),
+    so the whole gang stops at the same block and no rank is left in a collective alone."""
+
+    def __init__(self, state: threading.local, group: Any = None) -> None:
         super().__init__()
-        self.state = state
+        self.state, self.group = state, group
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any):
         flag: threading.Event | None = getattr(self.state, "flag", None)
         if flag is not None:
-            if flag.is_set():
-                raise JobCancelled()
             wait = getattr(self.state, "block_wait_s", 0.0)
-            if wait > 0 and flag.wait(wait):
+            cancelled = flag.is_set() or (wait > 0 and flag.wait(wait))
+            if self.group is not None:
+                cancelled = agree_flag(cancelled, self.group)
+            if cancelled:
                 raise JobCancelled()
         return args, kwargs
 
@@ -75,10 +81,12 @@ class StepWorker:
         model, adapter, scheduler: the loaded model (see :func:`specdist.loading.load_model`).
         cond: conditioning of *all* samples of the job (a job selects its sample's row).
         spec: the job description (method, steps, cache and peer configs, emulation).
+        group: a gang's ``ctrl`` group when the model runs context-parallel over a gang (cancels are
+            then agreed over it before every block); ``None`` for a one-device worker.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, scheduler: Any, cond: Conditioning,
-                 spec: WorkerSpec) -> None:
+                 spec: WorkerSpec, group: Any = None) -> None:
         self.model, self.adapter, self.scheduler, self.spec = model, adapter, scheduler, spec
         self.device = model_device(model)
         dtype = model_dtype(model)
@@ -86,7 +94,7 @@ class StepWorker:
         self.state = threading.local()
         blocks = adapter.blocks(model)
         for block in blocks:
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(_CancelHook(self.state), _HOOK)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_CancelHook(self.state, group), _HOOK)
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
         self._blocks = blocks
         self._hooks: SpeculationHooks | None = None  # block-level recording and drafts, made on first use
