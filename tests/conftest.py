@@ -33,3 +33,12 @@ def _calibration_cache(tmp_path_factory):
         os.environ.pop("SPECDIST_CACHE_DIR", None)
     else:
         os.environ["SPECDIST_CACHE_DIR"] = before
+
+
+@pytest.fixture
+def one_thread():
+    """Small models: one thread is fastest and does not stall on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

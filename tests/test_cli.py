@@ -145,17 +145,6 @@ def test_report_records_the_scheduler_used(tmp_path):
     assert report["scheduler"]["config"]["prediction_type"] == "v_prediction"
 
 
-@pytest.fixture
-def one_thread():
-    """Small models: one thread is fastest and does not stall on a loaded machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("model", list(ZOO_SPECS))
 @pytest.mark.parametrize("method", METHODS)
 def test_generate_runs_every_method_on_every_zoo_model(tmp_path, repo_root, one_thread, model, method):

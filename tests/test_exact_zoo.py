@@ -3,7 +3,6 @@ of the outputs: each sample's latent mean and standard deviation (one class, 20 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from specdist.engine.config import ExactConfig
@@ -13,14 +12,6 @@ from specdist.metrics.two_sample import ks_bonferroni
 from specdist.sampling import initial_noise
 
 SAMPLES, STEPS = 20, 12
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_zoo_model_statistic_matches_the_target_sampler(one_thread):
