@@ -372,3 +372,27 @@ def basic_self_attention(run: Any, args: tuple, kwargs: dict, index: dict[str, t
     if len(args) > 1:
         raise ValueError("basic_self_attention: attn1 called with positional arguments after hidden_states")
     return (run(gather_rows(x, index["video"]), encoder_hidden_states=x, **rest),)
+
+
+class BasicBlocksAdapter(ModelAdapter):
+    """Shared facts of the families built from diffusers' ``BasicTransformerBlock`` in
+    ``transformer_blocks`` (DiT, PixArt): their branches, token streams and query-subset
+    self-attention, and why they cannot run context-parallel."""
+
+    def block_lists(self, model: nn.Module) -> list[str]:
+        return ["transformer_blocks"]
+
+    def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
+        return basic_block_branches(model.transformer_blocks[index])
+
+    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
+        return basic_block_tokens(model.transformer_blocks[index])
+
+    def token_attention(self, module: nn.Module, run: Any, args: tuple, kwargs: dict,
+                        index: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return basic_self_attention(run, args, kwargs, index)
+
+    def context_parallel_unsupported(self, model: nn.Module) -> str | None:
+        return (f"{self.model_class} cannot run context-parallel in diffusers 0.42.1 (its attention processor, "
+                "AttnProcessor2_0, calls SDPA itself, not diffusers' dispatcher); gang_size > 1 is for FLUX, "
+                "HunyuanVideo and Wan")

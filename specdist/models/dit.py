@@ -7,11 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import (BranchSpec, Conditioning, ModelAdapter, TokenSpec, basic_block_branches, basic_block_tokens,
-                   basic_self_attention, timestep_batch)
+from .base import BasicBlocksAdapter, Conditioning, timestep_batch
 
 
-class DiTAdapter(ModelAdapter):
+class DiTAdapter(BasicBlocksAdapter):
     """DiT: blocks in ``transformer_blocks``; the class label conditions every block's adaLN-Zero.
 
     The null class (for guidance) is ``num_embeds_ada_norm`` (1000 for ImageNet DiT, as in
@@ -24,25 +23,8 @@ class DiTAdapter(ModelAdapter):
     family = "dit"
     model_class = "DiTTransformer2DModel"
 
-    def block_lists(self, model: nn.Module) -> list[str]:
-        return ["transformer_blocks"]
-
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["norm_out", "proj_out_1", "proj_out_2"]
-
-    def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
-        return basic_block_branches(model.transformer_blocks[index])
-
-    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
-        return basic_block_tokens(model.transformer_blocks[index])
-
-    def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
-        return basic_self_attention(run, args, kwargs, index)
-
-    def context_parallel_unsupported(self, model: nn.Module) -> str | None:
-        return ("DiTTransformer2DModel cannot run context-parallel in diffusers 0.42.1 (its attention processor, "
-                "AttnProcessor2_0, calls SDPA itself, not diffusers' dispatcher); gang_size > 1 is for FLUX, "
-                "HunyuanVideo and Wan")
 
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels, height, width)

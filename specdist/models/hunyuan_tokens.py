@@ -30,6 +30,11 @@ def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(2, (attn.heads, -1))
 
 
+def _normed(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``, or ``x`` when the attention has no such norm."""
+    return x if norm is None else norm(x)
+
+
 def joint_attention_subset(attn: nn.Module, video: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None,
                            rope: tuple[torch.Tensor, torch.Tensor] | None, video_index: torch.Tensor,
                            text_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +60,7 @@ def joint_attention_subset(attn: nn.Module, video: torch.Tensor, text: torch.Ten
         rows = torch.cat([video_index, text_index + n], dim=1)
         query = _heads(attn, attn.to_q(gather_rows(joint, rows)))
         key, value = _heads(attn, attn.to_k(joint)), _heads(attn, attn.to_v(joint))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key = _normed(attn.norm_q, query), _normed(attn.norm_k, key)
     if rope is not None:
         if dual:
             query = rotary_rows(query, rope, video_index)
@@ -69,10 +71,7 @@ def joint_attention_subset(attn: nn.Module, video: torch.Tensor, text: torch.Ten
     if dual:
         eq = _heads(attn, attn.add_q_proj(gather_rows(text, text_index)))
         ek, ev = _heads(attn, attn.add_k_proj(text)), _heads(attn, attn.add_v_proj(text))
-        if attn.norm_added_q is not None:
-            eq = attn.norm_added_q(eq)
-        if attn.norm_added_k is not None:
-            ek = attn.norm_added_k(ek)
+        eq, ek = _normed(attn.norm_added_q, eq), _normed(attn.norm_added_k, ek)
         query, key, value = torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1)
     out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                 backend=processor._attention_backend, parallel_config=processor._parallel_config)

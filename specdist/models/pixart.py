@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import (BranchSpec, Conditioning, ModelAdapter, TokenSpec, basic_block_branches, basic_block_tokens,
-                   basic_self_attention, timestep_batch)
+from .base import BasicBlocksAdapter, Conditioning, timestep_batch
 
 
 def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
@@ -18,7 +17,7 @@ def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
     return fallback if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-class PixArtAdapter(ModelAdapter):
+class PixArtAdapter(BasicBlocksAdapter):
     """PixArt: blocks in ``transformer_blocks``; T5 text tokens enter every block by cross-attention.
 
     Calls follow ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``: latents ``[B, C, H, W]``,
@@ -33,25 +32,8 @@ class PixArtAdapter(ModelAdapter):
     family = "pixart"
     model_class = "PixArtTransformer2DModel"
 
-    def block_lists(self, model: nn.Module) -> list[str]:
-        return ["transformer_blocks"]
-
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["norm_out", "proj_out"]  # plus the ``scale_shift_table`` parameter
-
-    def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
-        return basic_block_branches(model.transformer_blocks[index])
-
-    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
-        return basic_block_tokens(model.transformer_blocks[index])
-
-    def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
-        return basic_self_attention(run, args, kwargs, index)
-
-    def context_parallel_unsupported(self, model: nn.Module) -> str | None:
-        return ("PixArtTransformer2DModel cannot run context-parallel in diffusers 0.42.1 (its attention processor, "
-                "AttnProcessor2_0, calls SDPA itself, not diffusers' dispatcher); gang_size > 1 is for FLUX, "
-                "HunyuanVideo and Wan")
 
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels, height, width)
