@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler,
-                       PixArtAlphaPipeline, PixArtTransformer2DModel, UniPCMultistepScheduler, WanPipeline,
-                       WanTransformer3DModel)
+                       PixArtAlphaPipeline, PixArtTransformer2DModel)
 from diffusers.utils.torch_utils import randn_tensor
 from tiny_pipelines import SEEDS
 from tiny_pipelines import flux_pipe as _flux_pipe
@@ -22,6 +21,7 @@ from tiny_pipelines import gens as _gens
 from tiny_pipelines import hunyuan_video_pipe
 from tiny_pipelines import image_vae as _vae
 from tiny_pipelines import text as _text
+from tiny_pipelines import wan_pipe
 
 from specdist.models import adapter_for
 from specdist.models.flux import pack, unpack
@@ -117,13 +117,8 @@ def test_hunyuan_video_pipeline():
 
 # ----- Wan 2.1 (true CFG against a negative prompt, UniPC with flow sigmas) -------------------------
 def test_wan_pipeline():
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=2,
-                                  rope_max_seq_len=32).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = wan_pipe()
+    model = pipe.transformer
     adapter = adapter_for(model)
     size = adapter.pipeline_latent_size(pipe, 32, 32, 5)  # no VAE: the pipeline's default factors 8 / 4
     shape = adapter.latent_shape(model, *size)
