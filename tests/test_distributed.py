@@ -56,12 +56,30 @@ class Killer:
     ``running()`` shows a job whose forward began less than ``fresh_s`` ago (the job's input has
     arrived and, with emulated step time, its output is far from ready: no tensor is moving)."""
 
-    def __init__(self, *indices: int, fresh_s: float = 0.1) -> None:
-        self.indices, self.fresh_s = indices, fresh_s
+    def __init__(self, *indices: int, fresh_s: float = 0.1, together: bool = False) -> None:
+        self.indices, self.fresh_s, self.together = indices, fresh_s, together
         self.killed: list[int] = []
 
     def __call__(self, pids, actors):
-        threading.Thread(target=self._watch, args=(pids, actors), daemon=True).start()
+        target = self._watch_together if self.together else self._watch
+        threading.Thread(target=target, args=(pids, actors), daemon=True).start()
+
+    def _watch_together(self, pids, actors):
+        """Kill every worker of ``indices`` at one moment at which each computes a fresh job: no
+        tensor is moving to or from any of them then (killing them one after the other can hit the
+        second while the first one's resubmitted job is being sent to it, and Ray's transport then
+        kills the coordinator too)."""
+        import ray
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            running = ray.get([actors[i].running.remote() for i in self.indices], timeout=30)
+            if all(any(age < self.fresh_s for age in r.values()) for r in running):
+                for i in self.indices:
+                    os.kill(pids[i], signal.SIGKILL)
+                    self.killed.append(i)
+                return
+            time.sleep(0.02)
 
     def _watch(self, pids, actors):
         import ray
@@ -152,7 +170,7 @@ def test_lost_ray_coordinator_fails_clearly(cluster):
 
 @needs_ray
 def test_all_ray_workers_dead_fails_in_bounded_time(cluster):
-    killer = Killer(0, 1)
+    killer = Killer(0, 1, fresh_s=0.15, together=True)
     start = time.monotonic()
     with pytest.raises(SpecdistError, match="all Ray workers died"):
         _ray_run("runtime.workers=2", "runtime.emulate_step_s=0.3", on_workers=killer)
