@@ -17,13 +17,15 @@ def run_method(method: str, model: torch.nn.Module, adapter: Any, scheduler: Any
                noise: torch.Tensor, steps: int, *, cache: CacheConfig | None = None, peer: Any = None,
                progress: bool = True, desc: str = "sampling", calibrations: dict | None = None,
                calibration: Any = None, on_step: Any = None, seeds: list[int] | None = None,
-               exact: ExactConfig | None = None) -> SampleResult:
+               exact: ExactConfig | None = None, agreement: Any = None) -> SampleResult:
     """Sample ``noise`` with ``method``; the same inputs give the same trajectory for ``full``.
 
     ``calibrations`` (a dict the caller owns) keeps MagCache calibrations across calls;
     ``calibration`` is speca's (:mod:`specdist.engine.calibration`), needed for a quality target;
     ``on_step(step)`` is called after each step (``full`` and our caching methods). ``exact`` needs
-    the samples' ``seeds`` (its per-step noise streams are functions of them) and takes ``exact``."""
+    the samples' ``seeds`` (its per-step noise streams are functions of them) and takes ``exact``.
+    ``agreement`` (our caching methods): a gang's :class:`~specdist.engine.verify.Agreement` when the
+    model runs context-parallel; ``None``: one device."""
     if method == "full":
         return sample_full(model, adapter, scheduler, cond, noise, steps, progress=progress, desc=desc,
                            on_step=None if on_step is None else (lambda i, t, x: on_step(i)))
@@ -37,8 +39,11 @@ def run_method(method: str, model: torch.nn.Module, adapter: Any, scheduler: Any
     if method in CACHE_METHODS:
         from .engine.speculative import sample_cached
 
+        from .engine.verify import ONE_DEVICE
+
         return sample_cached(model, adapter, scheduler, cond, noise, steps, method, cache or CacheConfig(),
-                             progress=progress, desc=desc, calibration=calibration, on_step=on_step)
+                             progress=progress, desc=desc, calibration=calibration, on_step=on_step,
+                             agreement=agreement or ONE_DEVICE)
     from .engine.config import PeerConfig
     from .engine.peers import sample_with_peer
 

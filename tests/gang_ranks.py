@@ -265,6 +265,14 @@ def decisions(gang) -> dict:
                 dist.all_reduce(t, group=gang.ctrl)
                 assert int(t) == gang.size
         out[metric] = [float(v) for v in agreed]
+        # the engine's view of the same (SpeculativeStepper's agreement): the whole tensor's error,
+        # and the values its decisions rest on identical on every rank
+        engine = agree.GangAgreement(gang.ctrl)
+        assert torch.equal(engine.error(shard(pred), shard(true), metric), agreed)
+        same = engine.max(torch.stack([local, mine.float()]))
+        dist.all_gather(everyone, same[0], group=gang.ctrl)
+        assert all(torch.equal(e, same[0]) for e in everyone)
+        assert same[1].bool().tolist() == [True, False, True]
     out["cancel"] = agree.agree_flag(gang.is_leader, gang.ctrl)  # the leader saw a cancel: everyone stops
     assert out["cancel"]
     return out

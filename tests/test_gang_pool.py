@@ -8,10 +8,12 @@
   identical. Not bitwise: the sharded attention adds the same terms in another order (all-to-all
   over heads, the output gathered from two shards; phase 1 measured 3.8e-7 to 6.1e-7 on this model),
   and the latency rule decides on those outputs.
-* Throughput mode, ``method=full`` (each gang runs whole generations; the torchrun test harness,
-  5 gloo processes): the latents equal the single-process run within 1e-5.
-* What gangs do not run yet is refused before anything starts, in one line: the ray pool; latency
-  mode with block-level features (sharded over the gang); throughput mode with a caching method.
+* Throughput mode, ``method=full`` and block-level ``speca`` (each gang runs whole generations, the
+  engine agreeing its decisions over the gang; the torchrun test harness, 5 gloo processes): the
+  latents equal the single-process run within 1e-5, the decisions are identical.
+* What gangs do not run is refused before anything starts, in one line: latency
+  mode with block-level features (sharded over the gang); throughput mode with a method whose
+  decisions are not agreed over the gang (the diffusers caches, per-token selection).
 * A gang member SIGKILLed inside a model call: its leader's next collective fails at once
   (``GangFailure``), the leader reports it, and rank 0 ends the run with one line naming the gang,
   long before ``runtime.job_timeout_s``; every other rank ends. A member that hangs instead: the
@@ -94,8 +96,13 @@ def test_killed_gang_member_fails_the_run_clearly(tmp_path):
             assert rec["ok"], (r, rec["error"])
 
 
-def test_throughput_full_generations_on_gangs_match_single_process(tmp_path):
-    overrides = ["model=hunyuan-shapes-video", "steps=4", "num_samples=2", "method=full", "runtime.mode=throughput",
+@pytest.mark.parametrize("method", [
+    ["method=full"],
+    # block-level speca with thresholds that accept and reject: the engine agrees over the gang
+    ["method=speca", "cache.target_psnr_db=null", "cache.tau0=0.1", "cache.beta=1.0", "cache.warmup=2"],
+], ids=["full", "speca"])
+def test_throughput_generations_on_gangs_match_single_process(tmp_path, method):
+    overrides = ["model=hunyuan-shapes-video", "steps=8", "num_samples=2", *method, "runtime.mode=throughput",
                  "runtime.workers=2", "runtime.gang_size=2"]
     records = run_world(gang_pool_ranks.run_job, 5, tmp_path, overrides, deadline_s=120)
     for r, rec in enumerate(records):
@@ -104,9 +111,11 @@ def test_throughput_full_generations_on_gangs_match_single_process(tmp_path):
     ref = run_distributed(*gang_pool_ranks.job([*overrides[:-2], "runtime.backend=local", "runtime.workers=1"]),
                           progress=False, log=lambda m: None)
     rel = float((torch.tensor(got["latents"]) - ref.latents).norm() / ref.latents.norm())
-    print(f"throughput full, 2 gangs of 2 vs single process: rel-L2 {rel:.2e}")
+    print(f"throughput {method[0]}, 2 gangs of 2 vs single process: rel-L2 {rel:.2e}, decisions {ref.decisions}")
     assert rel < 1e-5, rel
     assert got["decisions"] == ref.decisions
+    if method[0] == "method=speca":
+        assert all("A" in d and "R" in d for d in ref.decisions)  # accepted and rejected forecasts, agreed
     assert got["layout"]["leaders"] == [1, 3] and got["layout"]["gang_size"] == 2
     assert [rec["result"]["jobs"] for rec in records[1:]] == [1, 1, 1, 1]  # one generation per gang, members too
 
@@ -117,12 +126,13 @@ def video():
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["runtime.backend=ray"], r"is a valid layout, but the ray pool does not run gangs yet \(issue 12, phase 2; "
-                              r"runtime.backend=torchrun does\); use runtime.gang_size=1"),
     (["runtime.mode=latency", "method=speca", "cache.granularity=block"],
      r"cache.granularity=block with runtime.mode=latency .* sharded over its ranks .* use cache.granularity=output"),
-    (["runtime.mode=throughput", "method=speca"], r"method=speca with runtime.mode=throughput .* use runtime.mode=latency "
-                                                  r"or method=full"),
+    (["runtime.mode=throughput", "method=diffusers-magcache"],
+     r"method=diffusers-magcache with runtime.mode=throughput .* not agreed over a gang's ranks; on gangs use method "
+     r"full, fora, taylorseer or speca"),
+    (["runtime.mode=throughput", "method=taylorseer", "cache.granularity=token"],
+     r"cache.granularity=token with runtime.mode=throughput selects tokens per rank.* use cache.granularity=block or output"),
 ])
 def test_what_gangs_do_not_run_is_refused_at_once(video, sets, message):
     cfg = load_config(None, ["model=hunyuan-shapes-video", "runtime.backend=torchrun", "runtime.workers=2",

@@ -44,7 +44,7 @@ from .forecast import CacheStorage, RecordSink, TaylorCache
 from .hooks import SpeculationHooks
 from .tokens import TokenPlan, call_cost, level_shares
 from .decision import Rule, forecaster_time, make_rule
-from .verify import combine_rows, forecast_error, threshold
+from .verify import ONE_DEVICE, Agreement, combine_rows
 
 
 @dataclass
@@ -160,12 +160,15 @@ class SpeculativeStepper:
 
     The model is reached only through ``call(samples) -> output`` (a sub-batch of sample indices,
     CPU long tensor → float output ``[len(samples), ...]``), so the same stepper serves specdist's
-    own loop and a stock diffusers pipeline (:mod:`specdist.engine.pipeline`).
+    own loop and a stock diffusers pipeline (:mod:`specdist.engine.pipeline`). ``agreement``
+    (:class:`~specdist.engine.verify.Agreement`): how the ranks of a gang running the model
+    context-parallel compute the verifier's error and agree on the step's values (one device: as they are).
     """
 
     def __init__(self, hooks: SpeculationHooks, method: str, cfg: CacheConfig, samples: int, branches: int = 1, *,
-                 rule: Rule, cache_cls: type[TaylorCache] = TaylorCache) -> None:
+                 rule: Rule, cache_cls: type[TaylorCache] = TaylorCache, agreement: Agreement = ONE_DEVICE) -> None:
         self.hooks, self.method, self.cfg, self.rule = hooks, method, cfg, rule
+        self.agreement = agreement
         self.verify = rule.verify
         self.samples, self.branches = samples, branches
         self.cache_cls = cache_cls
@@ -319,7 +322,7 @@ class SpeculativeStepper:
         # token level: the probe block's refreshed rows against their forecasts (no extra compute)
         pred_of = (lambda n: plan.recorded[f"forecast:{n}"]) if self.token_level else (lambda n: forecast[n])
         pred = torch.cat([s.flatten(1) for n in names for s in pred_of(n)], dim=1)
-        return o, combine_rows(forecast_error(pred, true, self.cfg.metric), len(group))
+        return o, combine_rows(self.agreement.error(pred, true, self.cfg.metric), len(group))
 
     def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Model output ``[samples, ...]`` for step ``i`` of ``steps`` at forecaster time ``time``.
@@ -372,9 +375,11 @@ class SpeculativeStepper:
         o = torch.cat([r[0] for r in results])[back.to(results[0][0].device)]
         err = torch.cat([r[1] for r in results])[back.to(results[0][1].device)]
         finite = torch.isfinite(o.flatten(1)).all(dim=1)
-        host = torch.stack([finite.float(), err.float()]).cpu()  # the step's one host synchronisation
+        # the step's one host synchronisation; on a gang the values every decision rests on are made
+        # identical on every rank (a non-finite output anywhere fails the row everywhere)
+        host = self.agreement.max(torch.stack([(~finite).float(), err.float()]).cpu())
         stats.spec_seconds += time_module.perf_counter() - began
-        ok = host[0].bool()
+        ok = host[0] == 0
         err_host = torch.where(ok, host[1], torch.full_like(host[1], float("inf")))
         waived = waived & ok
         accept = ok & rule.accept(i, spec, torch.where(waived, torch.full_like(err_host, float("nan")), err_host),
@@ -426,13 +431,15 @@ def sample_cached(
     cache_cls: type[TaylorCache] = TaylorCache,
     calibration: Calibration | None = None,
     on_step: Callable[[int], None] | None = None,
+    agreement: Agreement = ONE_DEVICE,
 ) -> CachedResult:
     """Sample with a caching method (``fora``, ``taylorseer``, ``speca`` or ``specdiff``); see the module doc.
 
     ``calibration``: the model's calibration, needed by ``speca`` with a quality target (see
     :func:`specdist.engine.calibration.ensure_calibration`). ``threshold_fn(step) -> τ`` replaces
     the decisions by that threshold schedule (ablations, tests); ``cache_cls`` is the forecaster
-    class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step.
+    class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step;
+    ``agreement``: the gang's when the model runs context-parallel (see :class:`SpeculativeStepper`).
     """
     cfg = cfg.resolved(method)
     device, dtype = model_device(model), model_dtype(model)
@@ -446,7 +453,8 @@ def sample_cached(
     train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
     hooks = SpeculationHooks(model, adapter, cfg.probe_block, cfg.granularity, cfg.token_kv)
     rule = make_rule(method, cfg, steps, b, calibration=calibration, threshold_fn=threshold_fn)
-    stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, rule=rule, cache_cls=cache_cls)
+    stepper = SpeculativeStepper(hooks, method, cfg, b, 2 if guided else 1, rule=rule, cache_cls=cache_cls,
+                                 agreement=agreement)
     start = time_module.perf_counter()
     try:
         with torch.inference_mode():

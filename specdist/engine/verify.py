@@ -34,6 +34,26 @@ def forecast_error(pred: torch.Tensor, true: torch.Tensor, metric: str = "rel_l2
     return torch.where(finite & torch.isfinite(err), err, torch.full_like(err, float("inf")))
 
 
+class Agreement:
+    """How the ranks that run one model call together (a gang under context parallelism, each
+    holding a shard of the tokens) reach the same decisions. This default is one device: errors of
+    the local tensors, values as they are. The runtime's
+    :class:`~specdist.runtime.agree.GangAgreement` reduces over the gang instead, so the engine
+    itself never touches a process group."""
+
+    def error(self, pred: torch.Tensor, true: torch.Tensor, metric: str) -> torch.Tensor:
+        """Per-row error ``[rows]`` of the whole tensors (:func:`forecast_error` on one device)."""
+        return forecast_error(pred, true, metric)
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` made identical on every rank (their element-wise maximum over the ranks)."""
+        return values
+
+
+ONE_DEVICE = Agreement()
+"""The agreement of a model that runs on one device (stateless)."""
+
+
 def threshold(progress: float, tau0: float, beta: float, tau_min: float) -> float:
     """``τ(p) = max(τ0 · β^p, τ_min)`` for progress ``p`` in [0, 1]."""
     return max(tau0 * beta ** float(progress), tau_min)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..engine.verify import _EPS, METRICS
+from ..engine.verify import _EPS, METRICS, Agreement
 
 STATS = {"rel_l1": 2, "rel_l2": 2, "cosine": 3}
 """Sums per row each metric needs (plus one count of non-finite elements)."""
@@ -99,5 +99,21 @@ def agree_flag(flag: bool, group) -> bool:
     return bool(agree_any(torch.tensor([flag]), group)[0])
 
 
-__all__ = ["STATS", "agree_any", "agree_flag", "agree_max", "error_from_stats", "error_stats",
+class GangAgreement(Agreement):
+    """The engine's :class:`~specdist.engine.verify.Agreement` over a gang's ``group``: forecast
+    errors of the whole (sharded) tensors (:func:`sharded_error`) and values made identical on every
+    rank (:func:`agree_max`), so a generation's decisions and bookkeeping (run lengths, a quality
+    target's spent budget) are the same on every rank and no rank is left in a collective alone."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def error(self, pred: torch.Tensor, true: torch.Tensor, metric: str) -> torch.Tensor:
+        return sharded_error(pred, true, metric, self.group).to(pred.device)
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        return agree_max(values, self.group)
+
+
+__all__ = ["STATS", "GangAgreement", "agree_any", "agree_flag", "agree_max", "error_from_stats", "error_stats",
            "sharded_error"]

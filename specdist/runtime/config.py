@@ -73,7 +73,7 @@ class RuntimeConfig:
     max_retries: int = 2
     """Resubmissions of one job after worker failures before the run fails."""
     gang_size: int | str = 1
-    """torchrun (ray: validated, then refused: not run yet): ranks per worker. Each worker is a *gang*
+    """torchrun and ray (local: refused): ranks per worker. Each worker is a *gang*
     of this many ranks (GPUs) that runs one model call together with diffusers context parallelism
     (``ulysses_degree × ring_degree``);
     ``runtime.workers`` counts gangs, so the world is 1 coordinator + workers × gang_size ranks.

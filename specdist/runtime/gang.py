@@ -18,7 +18,7 @@ fails the peers' collectives at once). Either way every rank of the gang raises
 :class:`GangFailure` naming the gang; after a failed collective the gang's groups are unusable, so
 the pool must drop the whole gang and end its processes (the torchrun pool's leader answers every
 job of a failed gang ``failed`` and rank 0 ends the run, :func:`specdist.runtime.torchrun_backend.serve`;
-the ray pool does not run gangs yet).
+on Ray the leader's job raises and the coordinator ends the run, :mod:`specdist.runtime.ray_gangs`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import SpecdistError
+from .jobs import Job
 from .parallel_dims import ParallelDims
 
 OP_STOP, OP_RUN = 0, 1
@@ -263,6 +264,17 @@ def gang_call(gang: Gang, fn: Callable[[dict, torch.Tensor], torch.Tensor], meta
     return out if gang.is_leader else None
 
 
+def job_fn(worker: Any, rank: int, flag_of: Callable[[int], Any]) -> Callable[[dict, torch.Tensor], Any]:
+    """What every rank of a gang runs for one job (the ``fn`` of :func:`gang_call` and
+    :func:`serve_gang`): the :class:`~specdist.runtime.worker.StepWorker`'s call on the leader's job
+    (``meta``: the job's fields) and input, cancellable only as the whole gang (the worker agrees on
+    the flag ``flag_of(job id)`` per block); returns the worker's ``JobResult``."""
+    def fn(meta: dict, x: torch.Tensor) -> Any:
+        job = Job(**meta)
+        return worker.run(job, (x,), flag_of(job.id), rank)
+    return fn
+
+
 def stop_gang(gang: Gang) -> None:
     """Leader: release the members from :func:`serve_gang`."""
     _exchange(gang, OP_STOP)
@@ -281,5 +293,5 @@ def serve_gang(gang: Gang, fn: Callable[[dict, torch.Tensor], torch.Tensor]) -> 
         calls += 1
 
 
-__all__ = ["Gang", "GangFailure", "GangRanks", "build_gangs", "enable_context_parallel", "gang_call", "ring_supported",
+__all__ = ["Gang", "GangFailure", "GangRanks", "build_gangs", "enable_context_parallel", "gang_call", "job_fn", "ring_supported",
            "serve_gang", "stop_gang"]

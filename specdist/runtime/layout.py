@@ -23,23 +23,29 @@ def _model_bytes_on_host(model: torch.nn.Module) -> int:
 
 
 def gang_job_problem(cfg: Any) -> str | None:
-    """Why the job's worker calls cannot run on a gang yet (``None`` when they can).
+    """Why the job's worker calls cannot run on a gang (``None`` when they can).
 
     On a gang every rank holds the whole model output (gathered at the plan's end), but block-level
-    features only for its own shard of the tokens. Jobs that return or take block-level features
-    (latency mode with ``cache.granularity=block``: measuring, recording and draft calls) and
-    generations whose engine decides on them (throughput mode with a caching method) would need the
-    features gathered or the decisions agreed (:mod:`specdist.runtime.agree`), which the pool does
-    not do yet.
+    features only for its own shard of the tokens. Latency jobs that return or take block-level
+    features (``cache.granularity`` other than ``output``: measuring, recording and draft calls)
+    would need them gathered, which the pool does not do yet. Throughput generations with
+    specdist's caching methods decide on sharded features too; their engine agrees every
+    data-dependent value over the gang (:class:`~specdist.runtime.agree.GangAgreement`: errors of
+    the whole tensors, identical values on every rank), so ``fora``, ``taylorseer`` and ``speca`` run
+    there — but not per-token selection (``specdiff``, ``cache.granularity=token``: each rank would
+    rank its own shard's tokens), the diffusers caches (their decisions are diffusers' own, not
+    agreed) or ``exact`` (its pool is the local one).
     """
     rt = cfg.runtime
     if rt.mode == "latency" and cfg.method != "full" and cfg.cache.granularity != "output":
         return (f"cache.granularity={cfg.cache.granularity} with runtime.mode=latency records and drafts block-level "
                 f"features, which a gang holds sharded over its ranks (not gathered yet); use cache.granularity=output")
-    if rt.mode == "throughput" and cfg.method != "full":
-        return (f"method={cfg.method} with runtime.mode=throughput decides inside each generation on block-level "
-                f"features a gang holds sharded (decisions not agreed over the gang yet); use runtime.mode=latency "
-                f"or method=full")
+    if rt.mode == "throughput" and cfg.method not in ("full", "fora", "taylorseer", "speca"):
+        return (f"method={cfg.method} with runtime.mode=throughput decides inside each generation in a way that is "
+                f"not agreed over a gang's ranks; on gangs use method full, fora, taylorseer or speca")
+    if rt.mode == "throughput" and cfg.method != "full" and cfg.cache.granularity == "token":
+        return ("cache.granularity=token with runtime.mode=throughput selects tokens per rank, each rank on its own "
+                "shard (not agreed over the gang); use cache.granularity=block or output")
     return None
 
 
@@ -47,18 +53,18 @@ def job_layout(cfg: Any, bundle: Any, latent_shape: tuple[int, ...] | None = Non
                backend: str = "native") -> ParallelDims:
     """The layout of ``cfg.runtime`` for ``bundle``'s model; raises :class:`ConfigError` when it does not fit.
 
-    Gangs (``gang_size > 1``) run on the torchrun pool (:mod:`specdist.runtime.torchrun_backend`) for
-    the jobs whose every branch depends only on the gathered model output (:func:`gang_job_problem`);
-    the ray pool does not run gangs yet: such a layout is validated, then refused with one line
-    rather than run as single-device workers.
+    Gangs (``gang_size > 1``) run on the torchrun and ray pools (:mod:`specdist.runtime.torchrun_backend`,
+    :mod:`specdist.runtime.ray_gangs`) for the jobs whose every branch depends only on the gathered
+    model output (:func:`gang_job_problem`); the local pool (threads in one process) cannot hold a
+    gang, which the config refuses (:class:`~specdist.runtime.config.RuntimeConfig`).
     """
     rt = cfg.runtime
     model, adapter = bundle.transformer, bundle.adapter
     g = rt.gang_size
     if g == AUTO:  # the efficiency model is GPU-measured; without an accelerator a worker stays one rank
         if torch.accelerator.device_count() > 0:
-            raise ConfigError("runtime.gang_size=auto on GPUs needs gangs in the ray/torchrun pools (issue 12, "
-                              "phase 2); set runtime.gang_size=1 for now")
+            raise ConfigError("runtime.gang_size=auto on GPUs is not resolved yet (the emulated split of "
+                              "specdist.runtime.gang_cost is not wired to the pools); set runtime.gang_size to a number")
         g = 1
     heads = adapter.attention_heads(model) if hasattr(model, "config") else None
     dims = ParallelDims.from_runtime(rt, gang_size=g, heads=heads, ring_supported=ring_supported(backend))
@@ -66,10 +72,6 @@ def job_layout(cfg: Any, bundle: Any, latent_shape: tuple[int, ...] | None = Non
         lengths = adapter.context_parallel_lengths(model, latent_shape, cond) if latent_shape is not None else {}
         dims.check_model(heads=heads, lengths=lengths, ring_supported=ring_supported(backend), backend=backend,
                          unsupported=adapter.context_parallel_unsupported(model))
-        if rt.backend != "torchrun":
-            raise ConfigError(f"runtime.gang_size={dims.gang_size}: {dims.describe()} is a valid layout, but the "
-                              f"{rt.backend} pool does not run gangs yet (issue 12, phase 2; runtime.backend=torchrun "
-                              f"does); use runtime.gang_size=1")
         problem = gang_job_problem(cfg)
         if problem:
             raise ConfigError(f"runtime.gang_size={dims.gang_size}: {problem}")

@@ -13,6 +13,10 @@ A worker actor is threaded (``max_concurrency=2``) so ``cancel(job_id)`` reaches
 runs. A dead worker (its process killed) is noticed when its result fails; its job is resubmitted
 to the others. The driver starts a local cluster (``runtime.ray_address: null``) and stops it
 afterwards, or joins an existing one.
+
+With ``runtime.gang_size > 1`` each worker is a gang of actors (one placement group per gang,
+``STRICT_PACK``) that runs every model call together under diffusers context parallelism; the
+coordinator talks to the gangs' leaders only (:mod:`specdist.runtime.ray_gangs`).
 """
 
 from __future__ import annotations
@@ -29,20 +33,66 @@ import ray
 import torch
 
 from ..errors import SpecdistError
+from .gang import gang_call
 from .jobs import Job, JobResult, WorkerSpec
 from .pool import PoolStats, WorkerFailure, WorkerPool, tensor_bytes
 
 
 class RayWorker:
-    """A reference worker actor (wraps a :class:`~specdist.runtime.worker.StepWorker`)."""
+    """A reference worker actor (wraps a :class:`~specdist.runtime.worker.StepWorker`), or one rank
+    of a gang (``gang=True``: the worker is made in :meth:`join_gang`, once the gang's groups exist)."""
 
-    def __init__(self, spec: WorkerSpec, index: int, cond: Any = None) -> None:
-        from .worker import StepWorker
+    def __init__(self, spec: WorkerSpec, index: int, cond: Any = None, gang: bool = False) -> None:
+        from .worker import StepWorker, load_worker_model
 
-        self.index = index
-        self.worker = StepWorker.from_spec(spec, cond)  # cond: the job's encoded prompts (no text encoder here)
+        self.index, self.spec, self.cond = index, spec, cond
         self.flags: dict[int, threading.Event] = {}
         self.started: dict[int, float] = {}  # job id -> when its forward began
+        self.gang, self.fn = None, None
+        if gang:
+            self.bundle = load_worker_model(spec)
+            self.worker = None
+        else:
+            self.worker = StepWorker.from_spec(spec, cond)  # cond: the job's encoded prompts (no text encoder here)
+
+    def join_world(self, address: str, rank: int, world_size: int, timeout_s: float) -> int:
+        """Gang ranks: join the job's torch.distributed world (:func:`~.ray_gangs.join_world`)."""
+        from .ray_gangs import join_world
+
+        join_world(address, rank, world_size, timeout_s)
+        return rank
+
+    def join_gang(self, dims: Any, rank: int, timeout_s: float) -> tuple[int, int]:
+        """Gang ranks: build the layout's groups (collective over the world), put the model under
+        context parallelism on this rank's gang and make the worker; returns ``(gang, member)``."""
+        from .gang import build_gangs, enable_context_parallel, job_fn
+        from .ray_gangs import gang_device
+        from .worker import StepWorker
+
+        gang = build_gangs(dims, rank, gang_device(), timeout_s).gang
+        backend = "native" if self.spec.attention_backend == "auto" else self.spec.attention_backend
+        b = self.bundle
+        enable_context_parallel(b.transformer, b.adapter, gang, backend)
+        self.worker = StepWorker(b.transformer, b.adapter, b.scheduler, self.cond, self.spec, group=gang.ctrl)
+        self.gang = gang
+        never = threading.Event()  # a member sees no cancel itself: the leader's flag is agreed per block
+        flag_of = (lambda job_id: self.flags.setdefault(job_id, threading.Event())) if gang.is_leader \
+            else (lambda _id: never)
+        self.fn = job_fn(self.worker, rank, flag_of)
+        return gang.index, gang.member
+
+    def serve_members(self) -> int:
+        """A gang member: take part in the leader's calls until it stops the gang; returns calls run."""
+        from .gang import serve_gang
+
+        return serve_gang(self.gang, self.fn)
+
+    def stop_gang(self) -> None:
+        """A gang leader: release the members from :meth:`serve_members`."""
+        from .gang import stop_gang
+
+        if self.gang is not None:
+            stop_gang(self.gang)
 
     def ready(self) -> int:
         """The worker's process id (once the model is loaded)."""
@@ -57,7 +107,12 @@ class RayWorker:
         flag = self.flags.setdefault(job.id, threading.Event())
         self.started[job.id] = time.perf_counter()
         try:
-            r = self.worker.run(job, tensors, flag, self.index)
+            if self.gang is None:
+                r = self.worker.run(job, tensors, flag, self.index)
+            elif len(tensors) != 1:
+                raise SpecdistError(f"a {job.kind} job with {len(tensors)} tensors cannot run on a gang (one input)")
+            else:  # the whole gang runs it; a failed collective raises GangFailure naming the gang
+                r = gang_call(self.gang, self.fn, dataclasses.asdict(job), tensors[0])
         finally:
             self.flags.pop(job.id, None)
             self.started.pop(job.id, None)
@@ -84,16 +139,36 @@ class RayWorker:
 class RayCoordinator:
     """The coordinator actor: owns the collective group's rank 0 and runs the coordinator."""
 
-    def __init__(self, workers: list[Any], transport: str) -> None:
-        self.workers, self.transport = workers, transport
+    def __init__(self, workers: list[Any], transport: str, ranks: list[Any] | None = None) -> None:
+        self.workers, self.transport = workers, transport  # workers: the pool's (gang leaders with gangs)
+        self.ranks = list(workers) if ranks is None else list(ranks)  # every worker-rank actor, in rank order
         self.box: dict[Any, Any] = {}
         self.me = None
+
+    def rendezvous(self) -> str:
+        """Gangs: the world's rendezvous address, on this actor's node."""
+        from .ray_gangs import rendezvous_address
+
+        return rendezvous_address()
+
+    def join_world(self, address: str, world_size: int, timeout_s: float) -> int:
+        """Gangs: join the job's world as rank 0."""
+        from .ray_gangs import join_world
+
+        join_world(address, 0, world_size, timeout_s)
+        return 0
+
+    def join_gangs(self, dims: Any, timeout_s: float) -> None:
+        """Gangs: take part (as rank 0) in creating the layout's groups."""
+        from .gang import build_gangs
+
+        build_gangs(dims, 0, torch.device("cpu"), timeout_s)
 
     def setup(self) -> str:
         from ray.experimental.collective import create_collective_group
 
         self.me = ray.get_runtime_context().current_actor
-        create_collective_group([self.me, *self.workers], backend="torch_gloo" if self.transport == "gloo" else "nccl")
+        create_collective_group([self.me, *self.ranks], backend="torch_gloo" if self.transport == "gloo" else "nccl")
         return self.transport
 
     @ray.method(tensor_transport="gloo")
@@ -131,7 +206,9 @@ class RayPool(WorkerPool):
         self.inputs: dict[int, torch.Tensor] = {}
         self.tries: dict[int, int] = {}
         self.requeue: list[Job] = []  # jobs of dead workers, resubmitted as workers free up
-        self.stats = PoolStats(transport=f"ray tensor transport ({host.transport})")
+        g = len(host.ranks) // max(len(host.workers), 1)
+        gangs = f"; gangs of {g}: job inputs broadcast by each leader" if g > 1 else ""
+        self.stats = PoolStats(transport=f"ray tensor transport ({host.transport}){gangs}")
         self._progress: dict[int, int] = {}
         self._progress_at = 0.0
 
@@ -276,15 +353,19 @@ def _placement_group(rt: Any, gpus: float):
 
 def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
                log: Callable[[str], None] = print, on_workers: Callable[[list[int], Any], None] | None = None,
-               cond: Any = None):
+               cond: Any = None, dims: Any = None):
     """Start (or join) a Ray cluster, run ``plan`` there, and tear everything down again. ``cond``
     (the job's encoded conditioning, on the CPU) goes to each worker actor with its constructor.
+    ``dims`` (the job's :class:`~specdist.runtime.parallel_dims.ParallelDims`): with
+    ``gang_size > 1`` every worker is a gang of actors (:mod:`specdist.runtime.ray_gangs`).
 
-    ``on_workers(pids, actors)`` is called once the workers are ready (``actors``: their Ray handles,
-    whose ``running()`` says which job each is computing; tests use it to kill a busy worker)."""
+    ``on_workers(pids, actors)`` is called once the workers are ready (``actors``: their Ray handles —
+    the gang leaders with gangs —, whose ``running()`` says which job each is computing; tests use it
+    to kill a busy worker)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     rt = cfg.runtime
+    g = dims.gang_size if dims is not None else 1
     started = False
     if not ray.is_initialized():
         if rt.ray_address:
@@ -294,29 +375,37 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
             except ConnectionError as exc:
                 raise SpecdistError(f"runtime.ray_address {rt.ray_address!r}: no Ray cluster answers ({exc})") from None
         else:
-            ray.init(num_cpus=rt.ray_num_cpus or rt.workers + 1, include_dashboard=False, log_to_driver=False,
+            ray.init(num_cpus=rt.ray_num_cpus or rt.workers * g + 1, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         started = True
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     auto_gpus = 1.0 if spec.device == "cuda" or (spec.device == "auto" and cluster_gpus > 0) else 0.0
     gpus = rt.gpus_per_worker if rt.gpus_per_worker is not None else auto_gpus
     transport = "nccl" if gpus > 0 else "gloo"
-    pg, actors = None, []
+    groups, actors, members = [], [], []
     try:
-        pg = _placement_group(rt, gpus)
-        strat = lambda i: PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
-        worker_cls = ray.remote(max_concurrency=2)(RayWorker)
-        workers = [worker_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strat(i + 1)).remote(spec, i, cond)
-                   for i in range(rt.workers)]
-        actors.extend(workers)
         t0 = time.perf_counter()
-        pids = ray.get([w.ready.remote() for w in workers], timeout=rt.startup_timeout_s)
-        coord = ray.remote(max_concurrency=8)(RayCoordinator).options(
-            num_cpus=1, scheduling_strategy=strat(0)).remote(workers, transport)
-        actors.append(coord)
-        ray.get(coord.setup.remote(), timeout=rt.startup_timeout_s)
-        log(f"specdist: ray backend: {rt.workers} worker actors ready in {time.perf_counter() - t0:.1f}s "
-            f"(transport {transport})")
+        if g == 1:
+            groups = [_placement_group(rt, gpus)]
+            strat = lambda i: PlacementGroupSchedulingStrategy(placement_group=groups[0], placement_group_bundle_index=i)
+            worker_cls = ray.remote(max_concurrency=2)(RayWorker)
+            workers = [worker_cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strat(i + 1)).remote(spec, i, cond)
+                       for i in range(rt.workers)]
+            actors.extend(workers)
+            pids = ray.get([w.ready.remote() for w in workers], timeout=rt.startup_timeout_s)
+            coord = ray.remote(max_concurrency=8)(RayCoordinator).options(
+                num_cpus=1, scheduling_strategy=strat(0)).remote(workers, transport)
+            actors.append(coord)
+            ray.get(coord.setup.remote(), timeout=rt.startup_timeout_s)
+            what = f"{rt.workers} worker actors"
+        else:
+            from .ray_gangs import gang_placement_groups
+
+            groups = gang_placement_groups(dims, gpus, rt.startup_timeout_s)
+            coord, workers, members, pids = _start_gangs(dims, spec, cond, gpus, transport, groups, rt, actors)
+            what = (f"{dims.workers} gangs of {g} actors (ulysses_degree={dims.ulysses_degree}, "
+                    f"ring_degree={dims.ring_degree}; STRICT_PACK per gang)")
+        log(f"specdist: ray backend: {what} ready in {time.perf_counter() - t0:.1f}s (transport {transport})")
         if on_workers is not None:
             on_workers(pids, workers)
         try:
@@ -326,6 +415,13 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
                                 "(a worker that dies while a tensor moves to or from it does this: Ray's collective "
                                 "tensor transport then kills both ends of the failed transfer)") from None
         result.stats.extra.update(pool=pool_stats, worker_pids=pids)
+        if members:  # release the members: each loop returns the calls it took part in
+            ray.get([w.stop_gang.remote() for w in workers], timeout=rt.job_timeout_s)
+            result.stats.extra["gang_member_calls"] = ray.get(members, timeout=rt.job_timeout_s)
+        if dims is not None and g > 1:
+            result.stats.extra["layout"] = {"gang_size": g, "ulysses_degree": dims.ulysses_degree,
+                                            "ring_degree": dims.ring_degree, "world_size": dims.world_size,
+                                            "leaders": list(dims.leaders)}
         return result
     except ray.exceptions.GetTimeoutError:
         raise SpecdistError(f"Ray workers did not start within runtime.startup_timeout_s={rt.startup_timeout_s:g} s") from None
@@ -337,7 +433,44 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
-        if pg is not None:
+        for pg in groups:
             ray.util.remove_placement_group(pg)
         if started:
             ray.shutdown()
+
+
+def _start_gangs(dims: Any, spec: WorkerSpec, cond: Any, gpus: float, transport: str, groups: list[Any], rt: Any,
+                 actors: list[Any]) -> tuple[Any, list[Any], list[Any], list[int]]:
+    """Gangs (:mod:`~.ray_gangs`): the coordinator and every gang rank's actor in its placement group,
+    one torch.distributed world in :class:`ParallelDims` rank order, the Ray collective group over it,
+    the gangs' groups and context parallelism; the members left serving. Returns ``(coordinator,
+    leaders, member loop refs, leader pids)``; every actor started is appended to ``actors``."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    def place(pg: Any, i: int) -> Any:
+        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+
+    worker_cls = ray.remote(max_concurrency=2)(RayWorker)
+    by_rank: dict[int, Any] = {}
+    for k in range(dims.workers):
+        for m, rank in enumerate(dims.gang_ranks(k)):
+            by_rank[rank] = worker_cls.options(num_cpus=1, num_gpus=gpus,
+                                               scheduling_strategy=place(groups[k + 1], m)).remote(spec, k, cond, True)
+            actors.append(by_rank[rank])
+    ranks = [by_rank[r] for r in range(1, dims.world_size)]
+    pids = ray.get([a.ready.remote() for a in ranks], timeout=rt.startup_timeout_s)
+    leaders = [by_rank[r] for r in dims.leaders]
+    coord = ray.remote(max_concurrency=8)(RayCoordinator).options(
+        num_cpus=1, scheduling_strategy=place(groups[0], 0)).remote(leaders, transport, ranks)
+    actors.append(coord)
+    address = ray.get(coord.rendezvous.remote(), timeout=rt.startup_timeout_s)
+    ray.get([coord.join_world.remote(address, dims.world_size, rt.startup_timeout_s),
+             *[a.join_world.remote(address, r + 1, dims.world_size, rt.startup_timeout_s) for r, a in enumerate(ranks)]],
+            timeout=rt.startup_timeout_s)
+    ray.get(coord.setup.remote(), timeout=rt.startup_timeout_s)
+    ray.get([coord.join_gangs.remote(dims, rt.job_timeout_s),
+             *[a.join_gang.remote(dims, r + 1, rt.job_timeout_s) for r, a in enumerate(ranks)]],
+            timeout=rt.startup_timeout_s)
+    members = [by_rank[r].serve_members.remote() for r in range(1, dims.world_size) if r not in dims.leaders]
+    leader_pids = [pids[r - 1] for r in dims.leaders]
+    return coord, leaders, members, leader_pids

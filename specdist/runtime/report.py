@@ -46,8 +46,10 @@ def runtime_report(cfg: Any, result: RunResult) -> dict[str, Any]:
         "wall_s": round(s.wall_s, 4),
     }
     layout = s.extra.get("layout")
-    if layout:  # torchrun: workers × gang_size (ulysses × ring) and the ranks rank 0 talks to
+    if layout:  # gangs: workers × gang_size (ulysses × ring) and the ranks the coordinator talks to
         out.update(layout)
+    if "gang_member_calls" in s.extra:  # ray gangs: model calls each member took part in, in rank order
+        out["gang_member_calls"] = s.extra["gang_member_calls"]
     if rt.mode == "latency":
         out["lookahead"] = rt.lookahead
         out["adaptive_lookahead"] = rt.adaptive_lookahead

@@ -113,7 +113,8 @@ def run_distributed(cfg: Any, bundle: Any, noise: torch.Tensor, prompts: list[st
     if rt.backend == "ray":
         from .ray_backend import run_on_ray
 
-        return run_on_ray(cfg, spec, plan, progress=progress, log=log, on_workers=on_workers, cond=cond.to("cpu"))
+        return run_on_ray(cfg, spec, plan, progress=progress, log=log, on_workers=on_workers, cond=cond.to("cpu"),
+                          dims=dims)
     if rt.backend == "torchrun":
         from .torchrun_backend import run_on_torchrun
 

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SpecdistError
-from .gang import Gang, GangFailure, GangRanks, build_gangs, enable_context_parallel, gang_call, serve_gang, stop_gang
+from .gang import (Gang, GangFailure, GangRanks, build_gangs, enable_context_parallel, gang_call, job_fn, serve_gang,
+                   stop_gang)
 from .jobs import CANCELLED, DONE, DRAFT, GENERATION, STEP, Job, JobResult, WorkerSpec
 from .parallel_dims import ParallelDims
 from .pool import PoolStats, WorkerFailure, WorkerPool, drain, tensor_bytes
@@ -221,15 +222,6 @@ def _job_dict(job: Job) -> dict:
     return dataclasses.asdict(job)
 
 
-def _gang_fn(worker: Any, rank: int, flag_of: Callable[[int], threading.Event]) -> Callable[[dict, torch.Tensor], Any]:
-    """What every rank of a gang runs for one job (:func:`~.gang.gang_call`): the worker's call on the
-    leader's job and input, cancellable only as the whole gang (the worker agrees on the flag)."""
-    def fn(meta: dict, x: torch.Tensor) -> JobResult:
-        job = Job(**meta)
-        return worker.run(job, (x,), flag_of(job.id), rank)
-    return fn
-
-
 def _reply(r: JobResult) -> None:
     output = r.output.float() if r.status == DONE and r.output is not None else None
     features = tuple(r.features) if r.status == DONE else ()
@@ -271,7 +263,7 @@ def serve(worker: Any, ctrl: Any, gang: Gang | None = None) -> int:
     listener.start()
     rank, runs = dist.get_rank(), 0
     broken: str | None = None  # the gang's failure, once it failed
-    fn = _gang_fn(worker, rank, flag_of) if gang is not None else None
+    fn = job_fn(worker, rank, flag_of) if gang is not None else None
     while True:
         h = _recv((_HEADER,), torch.int64, 0).tolist()
         ts = _recv((1,), torch.float64, 0)
@@ -358,6 +350,6 @@ def run_worker_rank(cfg: Any, spec: WorkerSpec) -> int:
         if gang is None or gang.is_leader:
             return serve(worker, view.world_ctrl, gang)
         never = threading.Event()  # a member sees no cancel itself: the leader's flag is agreed per block
-        return serve_gang(gang, _gang_fn(worker, rank, lambda _id: never))
+        return serve_gang(gang, job_fn(worker, rank, lambda _id: never))
     finally:
         worker.close()

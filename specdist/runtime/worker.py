@@ -22,7 +22,7 @@ from torch import nn
 from ..models.base import Conditioning, ModelAdapter
 from ..engine.hooks import SpeculationHooks
 from ..sampling import model_device, model_dtype
-from .agree import agree_flag
+from .agree import GangAgreement, agree_flag
 from .jobs import CANCELLED, DONE, DRAFT, GENERATION, Job, JobResult, WorkerSpec
 
 _HOOK = "specdist_runtime_cancel"
@@ -88,6 +88,7 @@ class StepWorker:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, scheduler: Any, cond: Conditioning,
                  spec: WorkerSpec, group: Any = None) -> None:
         self.model, self.adapter, self.scheduler, self.spec = model, adapter, scheduler, spec
+        self.group = group
         self.device = model_device(model)
         dtype = model_dtype(model)
         self.cond = cond.to(self.device, dtype)
@@ -207,11 +208,13 @@ class StepWorker:
         def done(step: int) -> None:
             self.steps_done[job.id] = step + 1
 
+        # on a gang every data-dependent decision of the generation is agreed over its ranks
+        agreement = None if self.group is None else GangAgreement(self.group)
         try:
             result = run_method(spec.method, self.model, self.adapter, self.scheduler,
                                 self.cond.select(torch.tensor([job.sample])), noise, spec.steps,
                                 cache=CacheConfig(**spec.cache), peer=PeerConfig(**spec.peer), progress=False,
-                                calibration=calibration, on_step=done)
+                                calibration=calibration, on_step=done, agreement=agreement)
         finally:
             self.steps_done.pop(job.id, None)
         stats = getattr(result, "stats", None)
