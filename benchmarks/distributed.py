@@ -87,15 +87,16 @@ class Job:
         return {"mean": q["mean"], "worst": q["worst"]}
 
 
-def rule_row(job: Job, label: str, workers: int, overrides: list[str]) -> dict:
-    """The latency rule on ``workers`` emulated workers, one generation at a time."""
+def rule_row(job: Job, label: str, workers: int, overrides: list[str], step_s: float = T) -> dict:
+    """The latency rule on ``workers`` emulated workers, one generation at a time; a full call takes
+    ``step_s`` (a draft ``DRAFT · step_s``), the speedup is against ``full`` at ``T`` per call."""
     cfg = load_config(None, [f"model={job.cfg.model}", f"steps={job.cfg.steps}", f"num_samples={job.cfg.num_samples}",
                              "method=speca", "runtime.backend=local", *overrides])
     b = job.bundle
     latencies, outs, anchors, drafts, fulls, decisions, cancelled, busy = [], [], [], [], [], [], 0, 0.0
     for i in range(job.cfg.num_samples):
         worker = StepWorker(b.transformer, b.adapter, b.scheduler, job.cond.select(torch.tensor([i])), job.spec)
-        pool = VirtualPool(worker, workers, T, DRAFT * T)
+        pool = VirtualPool(worker, workers, step_s, DRAFT * step_s)
         (traj,) = build_trajectories(cfg, b.adapter, b.scheduler, job.noise[i:i + 1], model_dtype(b.transformer),
                                      job.calibration if cfg.cache.uses_target else None)
         coord = Coordinator(pool, job_timeout_s=1e9, progress=False)
@@ -122,13 +123,14 @@ def rule_row(job: Job, label: str, workers: int, overrides: list[str]) -> dict:
             "coordinator_s_last": coordinator_s}
 
 
-def engine_row(job: Job) -> dict:
-    """Single-device speca (same target): its calls priced at the emulated times."""
+def engine_row(job: Job, step_s: float = T) -> dict:
+    """Single-device speca (same target): its calls priced at the emulated times (a full call
+    ``step_s``); the speedup is against ``full`` at ``T`` per call."""
     b = job.bundle
     res = run_method("speca", b.transformer, b.adapter, b.scheduler, job.cond, job.noise, job.cfg.steps,
                      cache=job.cfg.cache, progress=False, calibration=job.calibration)
     per = res.stats.per_sample()
-    lat = [T * (r["full_steps"] + DRAFT * (r["accepted"] + r["rejected"])) + PROBE * T * p
+    lat = [step_s * (r["full_steps"] + DRAFT * (r["accepted"] + r["rejected"])) + PROBE * step_s * p
            for r, p in zip(per, res.stats.probed)]
     latency = statistics.fmean(lat)
     return {"row": "single-device speca", "workers": 1, "latency_s": latency, "latency_max_s": max(lat),
@@ -136,8 +138,9 @@ def engine_row(job: Job) -> dict:
             "psnr": job.quality(res.latents), "decisions": [r["decisions"] for r in per]}
 
 
-def picard_row(job: Job, window: int, tol: float) -> dict:
-    """ParaDiGMS-style Picard iteration (flow-matching Euler): rounds of one batched call of ``window`` states."""
+def picard_row(job: Job, window: int, tol: float, step_s: float = T) -> dict:
+    """ParaDiGMS-style Picard iteration (flow-matching Euler): rounds of one batched call of ``window``
+    states, each round ``step_s``; the speedup is against ``full`` at ``T`` per call."""
     b = job.bundle
     dtype = model_dtype(b.transformer)
     outs, rounds_all, evals_all = [], [], []
@@ -178,9 +181,9 @@ def picard_row(job: Job, window: int, tol: float) -> dict:
         outs.append(x[n])
         rounds_all.append(rounds)
         evals_all.append(evals)
-    latency = statistics.fmean(r * T for r in rounds_all)
+    latency = statistics.fmean(r * step_s for r in rounds_all)
     return {"row": f"Picard (window {window}, tol {tol:g})", "workers": window, "latency_s": latency,
-            "latency_max_s": max(rounds_all) * T, "speedup": job.cfg.steps * T / latency,
+            "latency_max_s": max(rounds_all) * step_s, "speedup": job.cfg.steps * T / latency,
             "critical_path_full_steps": statistics.fmean(rounds_all), "reference_calls": statistics.fmean(evals_all),
             "psnr": job.quality(torch.cat(outs))}
 
