@@ -9,7 +9,9 @@ against ``full`` (worst sample and mean):
    comparison the speed–quality benchmark makes against one phase can be read against all three.
 2. **Where a forecast hurts.** Full compute everywhere except one window of five consecutive
    forecasts (``cache.full_steps`` = every other step), for windows starting every six steps:
-   the final damage one window does, by position in the trajectory, at order 1 and order 2.
+   the final damage one window does, by position in the trajectory, at order 1, at order 2 with
+   the default order fallback (``cache.extrapolation_ratio`` 2: beyond twice the gap between the
+   adjacent full steps the forecast is order 1) and at plain order 2 (ratio 0).
 
     python benchmarks/schedule_sensitivity.py                 # every zoo model, 4 samples
     python benchmarks/schedule_sensitivity.py --models hunyuan-shapes-video --samples 8
@@ -35,6 +37,8 @@ from specdist.sampling import initial_noise
 MODELS = ("dit-shapes", "hunyuan-shapes-video", "wan-shapes")
 STEPS = 50
 WINDOW = 5
+WINDOW_VARIANTS = (("order 1", 1, 0.0), ("order 2 (fallback, default)", 2, 2.0), ("order 2 plain", 2, 0.0))
+"""(label, cache.order, cache.extrapolation_ratio) of the window study's rows."""
 
 
 def _inputs(bundle, n: int):
@@ -76,13 +80,14 @@ def measure(model: str, n: int, targets: list[float], intervals: list[int]) -> d
         cal, _ = calibration_for(bundle, cache, STEPS, shape, cond.guidance_scale, log=print)
         phase.append(go(f"speca target {target:g} dB", "speca", cache, cal))
     windows = []
-    for order in (1, 2):
+    for variant, order, ratio in WINDOW_VARIANTS:
         for start in range(3, STEPS - WINDOW + 1, 6):
             inside = range(start, start + WINDOW)
+            extra = {} if order < 2 else {"extrapolation_ratio": ratio}
             cache = CacheConfig(granularity="block", order=order, interval=WINDOW + 1,
-                                full_steps=[i for i in range(STEPS) if i not in inside])
-            windows.append({"order": order, "start": start,
-                            **go(f"forecast steps {start}-{start + WINDOW - 1}, order {order}", "taylorseer", cache)})
+                                full_steps=[i for i in range(STEPS) if i not in inside], **extra)
+            windows.append({"variant": variant, "order": order, "start": start,
+                            **go(f"forecast steps {start}-{start + WINDOW - 1}, {variant}", "taylorseer", cache)})
     return {"model": model, "class": bundle.adapter.model_class, "samples": n, "phase": phase, "windows": windows}
 
 
@@ -100,11 +105,11 @@ def _markdown(results: list[dict], argv: str) -> str:
         starts = sorted({w["start"] for w in r["windows"]})
         lines += ["", f"**Where a forecast hurts** — full compute except {WINDOW} consecutive block-level forecasts "
                   "from the full steps just before them; worst-sample PSNR:", "",
-                  "| order | " + " | ".join(f"steps {s}-{s + WINDOW - 1}" for s in starts) + " |",
+                  "| forecast | " + " | ".join(f"steps {s}-{s + WINDOW - 1}" for s in starts) + " |",
                   "|---|" + "---|" * len(starts)]
-        for order in (1, 2):
-            by = {w["start"]: w for w in r["windows"] if w["order"] == order}
-            lines.append(f"| {order} | " + " | ".join(f"{by[s]['psnr_worst']:.1f}" for s in starts) + " |")
+        for variant, _, _ in WINDOW_VARIANTS:
+            by = {w["start"]: w for w in r["windows"] if w["variant"] == variant}
+            lines.append(f"| {variant} | " + " | ".join(f"{by[s]['psnr_worst']:.1f}" for s in starts) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

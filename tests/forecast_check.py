@@ -31,18 +31,29 @@ def newton(history: Sequence[tuple[float, torch.Tensor]], order: int, at: float)
     return out
 
 
+def effective_order(history: Sequence[tuple[float, torch.Tensor]], order: int, at: float,
+                    fallback_ratio: float) -> int:
+    """The order a forecast at ``at`` uses: 1 instead of ``order >= 2`` when ``at`` lies more than
+    ``fallback_ratio`` times the gap between the last two full steps beyond the last one."""
+    if order < 2 or fallback_ratio <= 0 or len(history) < 2:
+        return order
+    (t1, _), (t0, _) = history[-2], history[-1]
+    return 1 if abs(at - t0) > fallback_ratio * abs(t0 - t1) else order
+
+
 def assert_accepted_are_extrapolations(values: Sequence[torch.Tensor], decisions: str, order: int,
                                        times: Sequence[float] | None = None, *, rtol: float = 1e-5,
-                                       atol: float = 1e-5) -> int:
+                                       atol: float = 1e-5, fallback_ratio: float = 2.0) -> int:
     """``values[i]``: the tensor at step ``i`` (``decisions[i]``: ``F`` full, ``A`` accepted,
-    ``R`` recomputed); every ``A`` must extrapolate the ``F``/``R`` values before it. Returns the
-    number of accepted steps checked (so a caller can insist there were some)."""
+    ``R`` recomputed); every ``A`` must extrapolate the ``F``/``R`` values before it, at order 1
+    where the order fallback applies (``fallback_ratio``: ``cache.extrapolation_ratio``, default 2).
+    Returns the number of accepted steps checked (so a caller can insist there were some)."""
     assert len(values) == len(decisions), (len(values), decisions)
     times = list(range(len(values))) if times is None else list(times)
     history, checked = [], 0
     for i, (value, d) in enumerate(zip(values, decisions)):
         if d == "A":
-            want = newton(history, order, times[i])
+            want = newton(history, effective_order(history, order, times[i], fallback_ratio), times[i])
             if order == 0:
                 assert torch.equal(value, history[-1][1]), f"step {i}: reuse is not the last full value"
             else:

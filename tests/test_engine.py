@@ -240,6 +240,38 @@ def test_accepted_output_is_the_extrapolation_of_the_full_outputs(tiny, method, 
     assert assert_accepted_are_extrapolations(rec.outputs, decisions, effective) == 4
 
 
+def test_order_fallback_far_beyond_adjacent_full_steps(tiny):
+    """``cache.extrapolation_ratio``: after the warm-up (full steps 1 and 2 adjacent) the forecasts
+    at steps 3, 4 use order 2, step 5 (3 gaps beyond step 2 > 2) order 1; with 0 every accepted
+    step is the plain order-2 Newton extrapolation, and the two runs differ exactly there."""
+    model, adapter, sched, cond, noise, _ = tiny
+    outputs = {}
+    for ratio in (2.0, 0.0):
+        rec = recording_scheduler(sched)
+        cfg = CacheConfig(interval=3, order=2, max_run=3, granularity="output", extrapolation_ratio=ratio)
+        res = sample_cached(model, adapter, rec, cond, noise, 8, "speca", cfg, progress=False,
+                            threshold_fn=lambda i: float("inf"))
+        (decisions,) = {r["decisions"] for r in res.stats.per_sample()}
+        assert decisions == "FFFAAAFA"
+        assert assert_accepted_are_extrapolations(rec.outputs, decisions, 2, fallback_ratio=ratio) == 4
+        outputs[ratio] = rec.outputs
+    same = [torch.equal(a, b) for a, b in zip(outputs[2.0], outputs[0.0])]
+    assert same[:5] == [True] * 5 and not same[5]  # identical up to the first fallback
+    with pytest.raises(AssertionError):  # the fallback run is not the plain expansion
+        assert_accepted_are_extrapolations(outputs[2.0], "FFFAAAFA", 2, fallback_ratio=0.0)
+
+
+def test_extrapolation_ratio_is_refused_where_it_cannot_apply():
+    from specdist.errors import ConfigError
+
+    for method, order in (("fora", 2), ("taylorseer", 1), ("speca", 0)):
+        with pytest.raises(ConfigError, match=r"invalid value for 'cache.extrapolation_ratio': 3.0 .*Taylor orders >= 2"):
+            CacheConfig(order=order, extrapolation_ratio=3.0).validate_for(method)
+    with pytest.raises(ConfigError, match=r"'cache.extrapolation_ratio': -1.0"):
+        CacheConfig(extrapolation_ratio=-1.0).validate()
+    CacheConfig(extrapolation_ratio=0.0).validate_for("taylorseer")  # order 2: applies
+
+
 def test_timestep_time_unit_extrapolates_over_the_schedulers_time():
     """``cache.time: timestep``: forecasts are polynomials in t / num_train_timesteps (on a shifted,
     non-uniform flow-matching schedule, where that differs from extrapolating over the step index)."""

@@ -48,6 +48,11 @@ class CacheConfig:
 
     order: int = 2
     """Taylor order m (taylorseer, speca); fora always uses 0 (reuse)."""
+    extrapolation_ratio: float = 2.0
+    """taylorseer, speca with ``order >= 2``: a forecast more than this many times the gap between the
+    last two full steps beyond the last one falls back to order 1 (the noise of the higher terms
+    grows with (distance / gap)²; :mod:`specdist.engine.forecast`). 0: TaylorSeer's plain
+    expansion at every distance."""
     time: str = "index"
     """Distance unit of the Taylor expansion: ``index`` (step index, as the public code) or
     ``timestep`` (the scheduler's own time t / num_train_timesteps, i.e. sigma for flow matching)."""
@@ -209,6 +214,10 @@ class CacheConfig:
             for key in ("min_run", "probe_block", "metric"):
                 _check(getattr(self, key) == getattr(CacheConfig, key), f"{prefix}{key}", getattr(self, key),
                        f"the default ({getattr(CacheConfig, key)}) with method=specdiff (it applies to speca)")
+        if method == "fora" or self.order < 2:
+            _check(self.extrapolation_ratio == CacheConfig.extrapolation_ratio, f"{prefix}extrapolation_ratio",
+                   self.extrapolation_ratio, f"the default ({CacheConfig.extrapolation_ratio}) with method={method} and "
+                   f"order={0 if method == 'fora' else self.order} (it applies to Taylor orders >= 2)")
         if method in ("fora", "taylorseer"):
             for key in ("target_psnr_db", "tau0", "beta", "tau_min"):
                 _check(getattr(self, key) is None, f"{prefix}{key}", getattr(self, key),
@@ -223,6 +232,8 @@ class CacheConfig:
 
     def validate(self, prefix: str = "cache.") -> None:
         _check(0 <= self.order <= 6, f"{prefix}order", self.order, "an integer 0..6")
+        _check(self.extrapolation_ratio >= 0, f"{prefix}extrapolation_ratio", self.extrapolation_ratio,
+               "a number >= 0 (0: never fall back to order 1)")
         _check(self.time in TIME_UNITS, f"{prefix}time", self.time, f"one of {list(TIME_UNITS)}")
         _check(self.interval >= 1, f"{prefix}interval", self.interval, "an integer >= 1")
         _check(self.granularity in GRANULARITIES, f"{prefix}granularity", self.granularity,

@@ -262,7 +262,8 @@ class SpeculativeStepper:
                                 self.cfg.max_cache_bytes, self.cfg.max_host_bytes)
         order, self.start = plan.order, plan.start
         self.stats.effective_order = order
-        self.cache = self.cache_cls(order, rows, storage=storage_for(plan, self.storage, self.cfg.max_host_bytes))
+        self.cache = self.cache_cls(order, rows, storage=storage_for(plan, self.storage, self.cfg.max_host_bytes),
+                                    fallback_ratio=self.cfg.extrapolation_ratio)
         self.stats.extra["cached_blocks"] = self.hooks.last + 1 - self.start
         self.sized = True
 
@@ -283,8 +284,11 @@ class SpeculativeStepper:
                                                        output.element_size())
             order = _fit_order(self.stats.effective_order, per_order, self.cfg.max_cache_bytes)
             self.stats.effective_order = order
-            self.cache = self.cache_cls(order, self.samples * self.branches, storage=self.storage) if self.uses_probe else None
-            self.out_cache = self.cache_cls(order, self.samples, storage=self.storage) if self.lite else None
+            ratio = self.cfg.extrapolation_ratio
+            self.cache = self.cache_cls(order, self.samples * self.branches, storage=self.storage,
+                                        fallback_ratio=ratio) if self.uses_probe else None
+            self.out_cache = self.cache_cls(order, self.samples, storage=self.storage,
+                                            fallback_ratio=ratio) if self.lite else None
         if self.cache is not None:
             self.cache.update(self.rows_of(redo), flat, time)
         if self.out_cache is not None:

@@ -124,7 +124,7 @@ class Trajectory:
         self.train_t = float(getattr(scheduler.config, "num_train_timesteps", 1000))
         self.forced = set(rule.forced) if rule is not None else set(range(self.steps))
         # block level: made on the first recording, one row per model row of the sample
-        self.history: TaylorCache | None = None if self.block_level else TaylorCache(cache.order, 1)
+        self.history: TaylorCache | None = None if self.block_level else TaylorCache(cache.order, 1, fallback_ratio=cache.extrapolation_ratio)
         self.layout: list[tuple[str, int]] = []  # block level: feature names and tensors per feature
         self.start = 0  # block level: first cached block (sized by the measuring call)
         self.order = cache.order
@@ -273,7 +273,8 @@ class Trajectory:
             feats = self.features.get(step)
             if feats:
                 if self.history is None:
-                    self.history = TaylorCache(self.order, feats[0].shape[0])
+                    self.history = TaylorCache(self.order, feats[0].shape[0],
+                                               fallback_ratio=self.cfg.extrapolation_ratio)
                 self.history.update(torch.arange(self.history.rows), feats, self._time(step))
         elif self.speculate:
             self.history.update(torch.arange(1), (self.results[step],), self._time(step))
