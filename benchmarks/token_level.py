@@ -150,7 +150,7 @@ def main() -> None:
                                                 "samples": args.samples, "steps": args.steps}, indent=1))
     lines = ["# Token-level caching (specdiff, token-level taylorseer) vs block level", "",
              f"`python benchmarks/token_level.py --samples {args.samples} --steps {args.steps}` — {args.samples} samples "
-             f"(seeds 0…), {args.steps} steps, CPU (2 cores shared), one run; {time.perf_counter() - began:.0f} s "
+             f"(seeds 0…), {args.steps} steps, CPU, one run; {time.perf_counter() - began:.0f} s "
              "in all. Speedup FLOPs = steps / full-forward equivalents that really ran (token steps counted "
              "block by block on their selected tokens, `specdist.engine.tokens.call_cost`); wall = full's wall "
              "time / the run's, same process. PSNR against full compute from the same seeds (pixels). Levels: "
