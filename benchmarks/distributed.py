@@ -238,8 +238,17 @@ def main() -> None:
     print(f"wrote {out / 'distributed.md'}")
 
 
-def _fmt(v: float) -> str:
+def fmt_db(v: float) -> str:
+    """A PSNR for a table (∞ for identical outputs)."""
     return "∞" if v == float("inf") else f"{v:.1f}"
+
+
+def footer_lines(results: dict) -> list[str]:
+    """The calibration and the benchmark's own wall time, under a results table."""
+    c = results["calibration"]
+    how = "reused" if c["reused"] else f"computed in {c['cost_s']:.0f} s"
+    return ["", f"Calibration `{c['key']}` ({how}).",
+            f"Benchmark wall time on this machine: {results['bench_wall_s']:.0f} s (2-core CPU, no GPU)."]
 
 
 def write_md(results: dict, path: Path) -> None:
@@ -256,12 +265,9 @@ def write_md(results: dict, path: Path) -> None:
         calls = f"{r.get('reference_calls', 0):.1f} / {r.get('draft_calls', 0):.1f}" if "reference_calls" in r else "—"
         util = f"{100 * r['worker_utilisation']:.0f}%" if "worker_utilisation" in r else "—"
         lines.append(f"| {r['row']} | {r['workers']} | {r['latency_s']:.0f} | {r['speedup']:.2f}× | "
-                     f"{r['critical_path_full_steps']:.1f} | {calls} | {_fmt(r['psnr']['worst'])} / "
-                     f"{_fmt(r['psnr']['mean'])} | {util} |")
-    c = results["calibration"]
-    how = "reused" if c["reused"] else f"computed in {c['cost_s']:.0f} s"
-    lines += ["", f"Calibration `{c['key']}` ({how}).",
-              f"Benchmark wall time on this machine: {results['bench_wall_s']:.0f} s (2-core CPU, no GPU)."]
+                     f"{r['critical_path_full_steps']:.1f} | {calls} | {fmt_db(r['psnr']['worst'])} / "
+                     f"{fmt_db(r['psnr']['mean'])} | {util} |")
+    lines += footer_lines(results)
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from distributed import DRAFT, OUT, PROBE, T, Job, engine_row, picard_row, rule_row
+from distributed import DRAFT, OUT, PROBE, T, Job, engine_row, fmt_db, footer_lines, picard_row, rule_row
 from specdist.env import environment
 from specdist.runtime.gang_cost import XDIT_HUNYUAN_720P_S, efficiency, gang_call_s
 
@@ -94,9 +94,6 @@ def main() -> None:
     print(f"wrote {out / 'gang_split.md'}")
 
 
-def _fmt(v: float) -> str:
-    return "∞" if v == float("inf") else f"{v:.1f}"
-
 
 def write_md(results: dict, path: Path) -> None:
     lines = ["# Devices split into gangs (emulated HunyuanVideo 720p×129f timing)", "",
@@ -113,12 +110,9 @@ def write_md(results: dict, path: Path) -> None:
     for r in results["rows"]:
         mark = "¹" if r.get("runnable_on_gangs") is False else ""
         lines.append(f"| {r['devices']} | {r['gangs']} × {r['gang_size']} | {r['e_g']:.2f} | {r['row']}{mark} | "
-                     f"{r['latency_s']:.0f} | {r['speedup']:.2f}× | {_fmt(r['psnr']['worst'])} / "
-                     f"{_fmt(r['psnr']['mean'])} |")
-    c = results["calibration"]
-    how = "reused" if c["reused"] else f"computed in {c['cost_s']:.0f} s"
-    lines += ["", f"Calibration `{c['key']}` ({how}).",
-              f"Benchmark wall time on this machine: {results['bench_wall_s']:.0f} s (2-core CPU, no GPU)."]
+                     f"{r['latency_s']:.0f} | {r['speedup']:.2f}× | {fmt_db(r['psnr']['worst'])} / "
+                     f"{fmt_db(r['psnr']['mean'])} |")
+    lines += footer_lines(results)
     path.write_text("\n".join(lines) + "\n")
 
 
