@@ -24,8 +24,8 @@ the warm-up). A row whose forecast time lies more than ``ρ`` times the gap betw
 steps beyond the last one is forecast at order 1 instead (the terms of order ≥ 2 dropped). ρ = 0:
 the plain Newton form. Measured (``benchmarks/results/schedule_sensitivity.md``, one window of 5
 forecasts from adjacent full steps): plain order 2 costs up to 15 dB of worst-sample PSNR more than
-order 1 there, ρ = 2 recovers most of it; on a fixed interval the full steps are ``interval`` apart and ρ = 2 never triggers after the
-first interval.
+order 1 there, ρ = 2 recovers most of it; on a fixed interval the full steps are ``interval``
+apart and ρ = 2 never triggers after the first interval.
 
 "Time" is whatever the caller passes: the step index (as the public code) or the scheduler's own
 time (e.g. sigma). Rows are independent; nothing here knows about models.

@@ -262,10 +262,15 @@ class SpeculativeStepper:
                                 self.cfg.max_cache_bytes, self.cfg.max_host_bytes)
         order, self.start = plan.order, plan.start
         self.stats.effective_order = order
-        self.cache = self.cache_cls(order, rows, storage=storage_for(plan, self.storage, self.cfg.max_host_bytes),
-                                    fallback_ratio=self.cfg.extrapolation_ratio)
+        self.cache = self._new_cache(order, rows, storage_for(plan, self.storage, self.cfg.max_host_bytes))
         self.stats.extra["cached_blocks"] = self.hooks.last + 1 - self.start
         self.sized = True
+
+    def _new_cache(self, order: int, rows: int, storage: CacheStorage | None = None) -> TaylorCache:
+        """A forecaster of ``order`` for ``rows`` (the stepper's storage unless given), with the
+        config's order fallback."""
+        return self.cache_cls(order, rows, storage=self.storage if storage is None else storage,
+                              fallback_ratio=self.cfg.extrapolation_ratio)
 
     def _record(self, redo: torch.Tensor, time: float, recorded: dict, output: torch.Tensor) -> None:
         if isinstance(recorded, RecordSink):  # block level: the features went into the cache during the call
@@ -284,11 +289,8 @@ class SpeculativeStepper:
                                                        output.element_size())
             order = _fit_order(self.stats.effective_order, per_order, self.cfg.max_cache_bytes)
             self.stats.effective_order = order
-            ratio = self.cfg.extrapolation_ratio
-            self.cache = self.cache_cls(order, self.samples * self.branches, storage=self.storage,
-                                        fallback_ratio=ratio) if self.uses_probe else None
-            self.out_cache = self.cache_cls(order, self.samples, storage=self.storage,
-                                            fallback_ratio=ratio) if self.lite else None
+            self.cache = self._new_cache(order, self.samples * self.branches) if self.uses_probe else None
+            self.out_cache = self._new_cache(order, self.samples) if self.lite else None
         if self.cache is not None:
             self.cache.update(self.rows_of(redo), flat, time)
         if self.out_cache is not None:

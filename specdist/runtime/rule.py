@@ -124,7 +124,8 @@ class Trajectory:
         self.train_t = float(getattr(scheduler.config, "num_train_timesteps", 1000))
         self.forced = set(rule.forced) if rule is not None else set(range(self.steps))
         # block level: made on the first recording, one row per model row of the sample
-        self.history: TaylorCache | None = None if self.block_level else TaylorCache(cache.order, 1, fallback_ratio=cache.extrapolation_ratio)
+        self.history: TaylorCache | None = None if self.block_level else TaylorCache(
+            cache.order, 1, fallback_ratio=cache.extrapolation_ratio)
         self.layout: list[tuple[str, int]] = []  # block level: feature names and tensors per feature
         self.start = 0  # block level: first cached block (sized by the measuring call)
         self.order = cache.order
