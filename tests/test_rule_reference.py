@@ -108,3 +108,21 @@ def test_a_broken_window_rule_is_caught():
     broken = list(outputs)
     broken[j] = line(a[0], a[1], j)
     assert not torch.allclose(scheduler_run(broken), scheduler_run(outputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_run", [2, 5])
+def test_max_run_bounds_committed_runs_as_in_the_engine(max_run):
+    """The window asks the engine's rule before judging a draft: with every check passing, at most
+    ``cache.max_run`` consecutive drafts are committed, then the step is an anchor (its reference
+    output), exactly where the single-device engine would compute it fully."""
+    cache = CacheConfig(granularity="output", order=1, tau0=1e9, beta=1.0, warmup=2, max_run=max_run)
+    sched = fresh_scheduler(DDIMScheduler(clip_sample=False))
+    sched.set_timesteps(STEPS)
+    latents = init_latents(sched, torch.ones(1, 1, 4, 4), torch.device("cpu"))
+    traj = Trajectory(sched, latents, cache, make_rule("speca", cache, STEPS, 1, signal="output"), 8, reuse=False)
+    run_sequential(traj, lambda request: (g(request.step) * U, (), {}))
+    decisions = "".join(traj.stats.decisions)
+    runs = [len(r) for r in decisions.replace("R", "F").split("F") if r]
+    assert max(runs) == max_run and "A" * (max_run + 1) not in decisions
+    # the engine's pattern: warm-up, then max_run forecasts between full steps
+    assert decisions[:2 + max_run + 1] == "FF" + "A" * max_run + "F"

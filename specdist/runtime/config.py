@@ -135,14 +135,15 @@ class RuntimeConfig:
 
 def check_latency_cache(cache: Any, prefix: str = "cache.") -> None:
     """Refuse the cache fields that mean nothing in latency mode (one line naming the field): drafts
-    are verified against the reference output itself (no probe, no waived checks, rel-L2), their
-    window is ``runtime.lookahead``, and only ``block`` and ``output`` granularity draft."""
+    are verified against the reference output itself (no probe, no waived checks, rel-L2), and only
+    ``block`` and ``output`` granularity draft. ``cache.max_run`` means what it means in the engine
+    (at most that many consecutive drafts are committed before a full step), next to the window
+    ``runtime.lookahead``."""
     defaults = CacheConfig()
     _check(cache.granularity in ("block", "output"), f"{prefix}granularity", cache.granularity,
            "block or output with runtime.mode=latency (a draft is a block-level speculative call or the forecast output)")
     for key, why in (("probe_block", "drafts are verified against the reference output, not a probe"),
                      ("min_run", "every draft is verified by its reference output"),
-                     ("max_run", "the window is runtime.lookahead"),
                      ("metric", "drafts are compared with the reference output in rel-L2")):
         _check(getattr(cache, key) == getattr(defaults, key), f"{prefix}{key}", getattr(cache, key),
                f"{getattr(defaults, key)!r} with runtime.mode=latency ({why})")

@@ -327,11 +327,14 @@ class Trajectory:
                 return self._close(j, true, passed=True)
             err = forecast_error(d.prediction, true, "rel_l2").cpu()
             self.stats.errors.append(float(err[0]))
-            if d.step in self.forced:  # the window ends at a forced full step: committed, not judged
+            one, run = torch.zeros(1, dtype=torch.long), torch.tensor([j])
+            # the engine's question first: would this sample compute the step fully without
+            # speculating (forced, a run at cache.max_run, or — quality target — a forecast predicted
+            # to fail or to overspend the budget)? Then the window ends here on the reference output.
+            if d.step in self.forced or bool(self.rule.must_compute(d.step, run, torch.ones(1, dtype=torch.bool))[0]):
                 self.stats.decisions.append("F")
                 return self._close(j, true, passed=True)
-            passed = bool(self.rule.accept(d.step, torch.zeros(1, dtype=torch.long), err,
-                                           torch.zeros(1, dtype=torch.bool), torch.tensor([j]))[0])
+            passed = bool(self.rule.accept(d.step, one, err, torch.zeros(1, dtype=torch.bool), run)[0])
             if passed and not last:  # accepted: its state is committed; the history keeps anchors only
                 self.stats.decisions.append("A")
                 continue
