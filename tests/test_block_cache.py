@@ -270,3 +270,25 @@ def test_storage_dtype_and_host_offload_fit_every_block_of_hunyuan_video_720p(st
         assert (device_with_every_block <= 80e9) == host  # every block fits one 80 GB GPU only with host offload
     finally:
         hooks.remove()
+
+
+def test_a_waived_check_sharing_a_verified_call_gets_the_output_of_its_own_call():
+    """Block level: when one sample's check is waived (``min_run``) while its batch mate's runs,
+    both speculate in one call and the waived row's probe block keeps its forecast — so each
+    sample's decisions and output equal those of the sample run alone."""
+    model, adapter, sched, cond, noise = _tiny_video()
+    cfg = CacheConfig(granularity="block", order=1, max_run=4, min_run=1, warmup=2)
+    tau = {3: 0.043}  # between the two samples' errors at step 3: sample 0 is rolled back, sample 1 accepted
+
+    def run(idx):
+        return sample_cached(model, adapter, sched, cond.select(idx), noise[idx], 12, "speca", cfg, progress=False,
+                             threshold_fn=lambda i: tau.get(i, float("inf")))
+
+    both = run(torch.tensor([0, 1]))
+    decisions = [r["decisions"] for r in both.stats.per_sample()]
+    assert decisions[0][3:5] == "RA" and decisions[1][3:5] == "AA"  # step 4: 0 waived, 1 checked, one call
+    assert both.stats.errors[0][4] is None and both.stats.errors[1][4] is not None
+    for s in (0, 1):
+        alone = run(torch.tensor([s]))
+        assert alone.stats.per_sample()[0]["decisions"] == decisions[s]
+        torch.testing.assert_close(both.latents[s:s + 1], alone.latents, rtol=1e-5, atol=1e-6)

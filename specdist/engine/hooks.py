@@ -76,6 +76,9 @@ class CallPlan:
     sizes: dict[str, int] = field(default_factory=dict)  # measure: bytes per row of each feature
     itemsize: int = 4  # measure: bytes per element of the measured features (their compute dtype)
     tokens: TokenPlan | None = None  # token level, speculate: the token levels of this call
+    keep_forecast: torch.Tensor | None = None  # block level, speculate with verify: bool per model row whose
+    # probe block returns its forecast (a waived check sharing the verified call; its true branches are still
+    # computed, and ignored), so the row's output is what a call without the probe gives it
 
 
 def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
@@ -215,6 +218,11 @@ class _BranchHook(ModelHook):
             plan.itemsize = _tensors(output)[0].element_size()
         else:
             plan.recorded[self.key] = _tensors(output)
+        if plan.mode == "speculate" and plan.keep_forecast is not None:
+            keep = plan.keep_forecast
+            mixed = tuple(torch.where(keep.to(t.device).view(-1, *[1] * (t.ndim - 1)), f, t)
+                          for t, f in zip(_tensors(output), plan.forecast[self.key]))
+            return mixed if self.is_tuple else mixed[0]
         return output
 
 
@@ -378,7 +386,8 @@ class SpeculationHooks:
         return plan
 
     def plan(self, mode: str, verify: bool = True, forecast: Mapping | None = None, start: int = 0,
-             recorded: MutableMapping | None = None, tokens: TokenPlan | None = None) -> CallPlan:
+             recorded: MutableMapping | None = None, tokens: TokenPlan | None = None,
+             keep_forecast: torch.Tensor | None = None) -> CallPlan:
         """Set what this thread's next model call does; returns the plan the hooks will fill.
 
         ``forecast`` and ``recorded`` may be any mappings: the block level passes a lazy
@@ -387,7 +396,8 @@ class SpeculationHooks:
         goes into the cache at once), so a call never holds every block's features at the same time."""
         self._plans.plan = CallPlan(mode=mode, verify=verify, start=start,
                                     forecast={} if forecast is None else forecast,
-                                    recorded={} if recorded is None else recorded, tokens=tokens)
+                                    recorded={} if recorded is None else recorded, tokens=tokens,
+                                    keep_forecast=keep_forecast)
         return self._plans.plan
 
     def remove(self) -> None:

@@ -308,13 +308,18 @@ class SpeculativeStepper:
         return cache.ready(torch.arange(b)) if cache is not None else torch.zeros(b, dtype=torch.bool)
 
     def speculate(self, group: torch.Tensor, time: float, verify: bool,
-                  call: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                  call: Callable[[torch.Tensor], torch.Tensor],
+                  unchecked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One speculative call for the samples ``group`` (they must be :meth:`ready`): (output,
-        per-sample verifier error, NaN without ``verify``)."""
+        per-sample verifier error, NaN without ``verify``). ``unchecked`` (block level, with
+        ``verify``): bool per sample of ``group`` whose check is waived — its probe block keeps the
+        forecast, so its output is the one an unverified call gives it, and its error is NaN."""
         forecast = self._forecast(group, time)
         if self.uses_probe and (verify or not self.lite):
             tokens = self._token_plan(group) if self.token_level else None
-            plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start, tokens=tokens)
+            keep = None if unchecked is None else unchecked.repeat(self.branches)
+            plan = self.hooks.plan("speculate", verify=verify, forecast=forecast, start=self.start, tokens=tokens,
+                                   keep_forecast=keep)
             o = call(group)
             self.stats.spec_calls += 1
             if tokens is not None:
@@ -328,7 +333,10 @@ class SpeculativeStepper:
         # token level: the probe block's refreshed rows against their forecasts (no extra compute)
         pred_of = (lambda n: plan.recorded[f"forecast:{n}"]) if self.token_level else (lambda n: forecast[n])
         pred = torch.cat([s.flatten(1) for n in names for s in pred_of(n)], dim=1)
-        return o, combine_rows(self.agreement.error(pred, true, self.cfg.metric), len(group))
+        err = combine_rows(self.agreement.error(pred, true, self.cfg.metric), len(group))
+        if unchecked is not None:
+            err = torch.where(unchecked.to(err.device), torch.full_like(err, float("nan")), err)
+        return o, err
 
     def step(self, i: int, steps: int, time: float, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Model output ``[samples, ...]`` for step ``i`` of ``steps`` at forecaster time ``time``.
@@ -371,15 +379,19 @@ class SpeculativeStepper:
         holding the accepted forecasts."""
         rule, stats, run_len = self.rule, self.stats, self.run_len[spec]
         began = time_module.perf_counter()
-        # waived checks speculate without the probe, in their own call: a sample's output never
-        # depends on whether a batch mate needed the probe
+        # a waived check's output is the forecast's, never the probe's: a sample's output does not
+        # depend on whether a batch mate needed the probe. Block level: one call for both (the waived
+        # rows' probe block keeps its forecast); elsewhere the waived samples get their own call
         waived = rule.waive(i, spec, run_len) if self.verify else torch.ones(len(spec), dtype=torch.bool)
-        parts = [(spec[m], v) for m, v in ((~waived, True), (waived, False)) if m.any()]
-        results = [self.speculate(group, time, verify, call) for group, verify in parts]
-        where = torch.cat([(~waived).nonzero().flatten(), waived.nonzero().flatten()])
-        back = torch.argsort(where)
-        o = torch.cat([r[0] for r in results])[back.to(results[0][0].device)]
-        err = torch.cat([r[1] for r in results])[back.to(results[0][1].device)]
+        if self.block_level and not self.token_level and waived.any() and (~waived).any():
+            o, err = self.speculate(spec, time, True, call, unchecked=waived)
+        else:
+            parts = [(spec[m], v) for m, v in ((~waived, True), (waived, False)) if m.any()]
+            results = [self.speculate(group, time, verify, call) for group, verify in parts]
+            where = torch.cat([(~waived).nonzero().flatten(), waived.nonzero().flatten()])
+            back = torch.argsort(where)
+            o = torch.cat([r[0] for r in results])[back.to(results[0][0].device)]
+            err = torch.cat([r[1] for r in results])[back.to(results[0][1].device)]
         finite = torch.isfinite(o.flatten(1)).all(dim=1)
         # the step's one host synchronisation; on a gang the values every decision rests on are made
         # identical on every rank (a non-finite output anywhere fails the row everywhere)
