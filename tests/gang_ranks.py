@@ -187,10 +187,11 @@ def fallback_is_enable_parallelism(rank: int, world: int) -> dict:
     return {"hooked_modules": len(_registry(a))}
 
 
-def _fn(model: torch.nn.Module, cond: Conditioning) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+def _fn(model: torch.nn.Module, cond: Conditioning) -> Callable[[dict, Any], torch.Tensor]:
     adapter = adapter_for(model)
 
-    def fn(meta: dict, x: torch.Tensor) -> torch.Tensor:
+    def fn(meta: dict, xs: Any) -> torch.Tensor:  # gang_call passes the inputs as a tuple
+        x = xs[0] if isinstance(xs, tuple) else xs
         with torch.no_grad():
             return adapter.predict(model, x, torch.tensor(meta["timestep"]), cond.select(torch.tensor([meta["sample"]])))
     return fn

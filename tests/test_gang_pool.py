@@ -1,8 +1,9 @@
 """The torchrun pool runs workers that are gangs (issue 12, phase 2), on CPU with gloo.
 
 * ``launch/torchrun.sh`` with ``WORKERS=2 GANG_SIZE=2`` (1 coordinator + 2 gangs of 2 = 5 processes):
-  a latency-mode ``speca`` job (output granularity; thresholds that accept and reject) on the video
-  zoo model. Each gang's leader receives rank 0's jobs, broadcasts them to its member, both run the
+  a latency-mode ``speca`` job (output granularity, and block granularity whose anchors' features
+  are gathered from the gang's shards and whose drafts take their shard of the forecasts;
+  thresholds that accept and reject) on the video zoo model. Each gang's leader receives rank 0's jobs, broadcasts them to its member, both run the
   model call under diffusers context parallelism (Ulysses 2), the leader answers. The final latents
   equal the single-process run of the same seed within 1e-5 relative L2 and the decisions are
   identical. Not bitwise: the sharded attention adds the same terms in another order (all-to-all
@@ -11,9 +12,8 @@
 * Throughput mode, ``method=full`` and block-level ``speca`` (each gang runs whole generations, the
   engine agreeing its decisions over the gang; the torchrun test harness, 5 gloo processes): the
   latents equal the single-process run within 1e-5, the decisions are identical.
-* What gangs do not run is refused before anything starts, in one line: latency
-  mode with block-level features (sharded over the gang); throughput mode with a method whose
-  decisions are not agreed over the gang (the diffusers caches, per-token selection).
+* What gangs do not run is refused before anything starts, in one line: throughput mode with a
+  method whose decisions are not agreed over the gang (the diffusers caches, per-token selection).
 * A gang member SIGKILLed inside a model call: its leader's next collective fails at once
   (``GangFailure``), the leader reports it, and rank 0 ends the run with one line naming the gang,
   long before ``runtime.job_timeout_s``; every other rank ends. A member that hangs instead: the
@@ -48,25 +48,30 @@ JOB = ["model=hunyuan-shapes-video", "steps=8", "num_samples=1", "method=speca",
        "output.save_latents=true"]
 
 
-def _single_process(out):
-    cfg = load_config(None, [*JOB, "runtime.backend=local", "runtime.workers=1", f"output.dir={out}"])
+def _single_process(out, job=JOB):
+    cfg = load_config(None, [*job, "runtime.backend=local", "runtime.workers=1", f"output.dir={out}"])
     report = run_generate(cfg, progress=False, log=lambda m: None)
     return report, load_file(str(out / "latents.safetensors"))["latents"]
 
 
-def test_torchrun_launcher_with_two_gangs_of_two_matches_single_process(tmp_path, repo_root):
+@pytest.mark.parametrize("granularity", ["output", "block"])
+def test_torchrun_launcher_with_two_gangs_of_two_matches_single_process(tmp_path, repo_root, granularity):
+    """Output level: every job is a full call. Block level: the anchors' features are gathered from
+    the gang's shards and each draft's forecasts cut back into them (:mod:`specdist.runtime.shards`)."""
+    job = [*JOB, f"cache.granularity={granularity}"]
     env = {**os.environ, "WORKERS": "2", "GANG_SIZE": "2", "OUT": str(tmp_path / "gangs"), "OMP_NUM_THREADS": "1",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": str(repo_root)}
-    sets = [a for s in JOB for a in ("--set", s)]
+    sets = [a for s in job for a in ("--set", s)]
     proc = subprocess.run(["bash", "launch/torchrun.sh", *sets, "--quiet"], capture_output=True, text=True,
                           timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gangs" / "report.json").read_text())
     got = load_file(str(tmp_path / "gangs" / "latents.safetensors"))["latents"]
-    ref_report, ref = _single_process(tmp_path / "single")
+    ref_report, ref = _single_process(tmp_path / "single", job)
     rel = float((got - ref).norm() / ref.norm())
-    print(f"latency speca, 2 gangs of 2 vs single process: rel-L2 {rel:.2e}, decisions {ref_report['runtime']['per_sample']}")
+    print(f"latency speca ({granularity}), 2 gangs of 2 vs single process: rel-L2 {rel:.2e}, "
+          f"decisions {ref_report['runtime']['per_sample']}")
     assert rel < 1e-5, rel
     rt = report["runtime"]
     decisions = [s["decisions"] for s in rt["per_sample"]]
@@ -126,8 +131,6 @@ def video():
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["runtime.mode=latency", "method=speca", "cache.granularity=block"],
-     r"cache.granularity=block with runtime.mode=latency .* sharded over its ranks .* use cache.granularity=output"),
     (["runtime.mode=throughput", "method=diffusers-magcache"],
      r"method=diffusers-magcache with runtime.mode=throughput .* not agreed over a gang's ranks; on gangs use method "
      r"full, fora, taylorseer or speca"),

@@ -3,8 +3,9 @@ with ``runtime.workers=2 runtime.gang_size=2`` starts its own local Ray cluster 
 actor + 2 gangs of 2 actors (a ``STRICT_PACK`` placement group per gang), one torch.distributed
 world over them, and each gang's model under diffusers context parallelism (Ulysses 2).
 
-* A latency-mode ``speca`` job (output granularity; thresholds that accept and reject) on the video
-  zoo model equals the single-process run of the same seed within 1e-5 relative L2, with identical
+* A latency-mode ``speca`` job (output granularity, and block granularity with the anchors' features
+  gathered from the gangs' shards; thresholds that accept and reject) on the video zoo model
+  equals the single-process run of the same seed within 1e-5 relative L2, with identical
   decisions, and every member took part in every model call of its gang.
 * Throughput mode, block-level ``speca`` to a 30 dB target (one generation per gang, its decisions
   agreed over the gang's ranks): the same within 1e-5, identical decisions.
@@ -51,12 +52,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_latency_speca_on_two_ray_gangs_of_two_matches_single_process(tmp_path):
-    report, got = _generate(tmp_path / "gangs", *JOB, *GANGS)
-    ref_report, ref = _generate(tmp_path / "single", *JOB, "runtime.backend=local", "runtime.workers=1")
+@pytest.mark.parametrize("granularity", ["output", "block"])
+def test_latency_speca_on_two_ray_gangs_of_two_matches_single_process(tmp_path, granularity):
+    job = [*JOB, f"cache.granularity={granularity}"]  # block: the gangs gather and cut the block features
+    report, got = _generate(tmp_path / "gangs", *job, *GANGS)
+    ref_report, ref = _generate(tmp_path / "single", *job, "runtime.backend=local", "runtime.workers=1")
     rel = _rel(got, ref)
     rt = report["runtime"]
-    print(f"ray: latency speca, 2 gangs of 2 vs single process: rel-L2 {rel:.2e}, decisions "
+    print(f"ray: latency speca ({granularity}), 2 gangs of 2 vs single process: rel-L2 {rel:.2e}, decisions "
           f"{[s['decisions'] for s in rt['per_sample']]}, member calls {rt['gang_member_calls']}")
     assert rel < 1e-5, rel
     decisions = [s["decisions"] for s in rt["per_sample"]]

@@ -8,8 +8,8 @@ GPUs), a gloo ``ctrl`` group for agreed decisions (:mod:`specdist.runtime.agree`
 ``dispatch`` group on which members wait for the leader's next job.
 
 One model call on a gang (:func:`gang_call`): the leader broadcasts a small header (JSON metadata,
-the tensor's dtype and shape) on ``dispatch`` and the input tensor on the gang's mesh group, so every
-rank holds the same inputs; every rank runs the call under diffusers context parallelism (which
+each input tensor's dtype and shape) on ``dispatch`` and the input tensors on the gang's mesh group,
+so every rank holds the same inputs; every rank runs the call under diffusers context parallelism (which
 splits the sequence and gathers the output); the leader returns the output, members return ``None``.
 
 Failures are bounded: the mesh and ``ctrl`` groups are created with ``timeout_s`` (a member that
@@ -39,7 +39,7 @@ from .jobs import Job
 from .parallel_dims import ParallelDims
 
 OP_STOP, OP_RUN = 0, 1
-_HEADER = 12  # op, meta bytes, dtype code, ndim, shape[8]
+_HEADER = 12  # per input tensor: dtype code, ndim, shape[10]
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool]
 _IDLE_S = 10 * 365 * 86400.0  # dispatch waits: members are idle while no job comes
 
@@ -207,18 +207,16 @@ def _fail(gang: Gang, what: str, start: float, exc: BaseException) -> GangFailur
 
 
 def _exchange(gang: Gang, op: int = OP_RUN, meta: dict | None = None,
-              x: torch.Tensor | None = None) -> tuple[int, dict, torch.Tensor | None]:
-    """The leader's ``(op, meta, x)`` on every rank of the gang (header and metadata on ``dispatch``,
-    the tensor on the gang's device group)."""
+              xs: tuple[torch.Tensor, ...] = ()) -> tuple[int, dict, tuple[torch.Tensor, ...]]:
+    """The leader's ``(op, meta, xs)`` on every rank of the gang: a header (op, metadata bytes,
+    tensor count) and the metadata on ``dispatch``, then per tensor its dtype and shape (on
+    ``dispatch``) and its values (on the gang's device group)."""
     start = time.perf_counter()
-    header = torch.zeros(_HEADER, dtype=torch.int64)
+    header = torch.zeros(3, dtype=torch.int64)
     blob = b""
     if gang.is_leader:
         blob = json.dumps(meta or {}).encode()
-        header[:2] = torch.tensor([op, len(blob)])
-        if x is not None:
-            header[2:4] = torch.tensor([_DTYPES.index(x.dtype), x.dim()])
-            header[4:4 + x.dim()] = torch.tensor(x.shape)
+        header[:] = torch.tensor([op, len(blob), len(xs)])
     try:
         dist.broadcast(header, group=gang.dispatch, group_src=0)
         n = int(header[1])
@@ -228,50 +226,64 @@ def _exchange(gang: Gang, op: int = OP_RUN, meta: dict | None = None,
     except Exception as exc:  # noqa: BLE001 - the dispatch channel to the leader is gone
         raise _fail(gang, "waiting for the leader's job", start, exc) from exc
     if int(header[0]) == OP_STOP:
-        return OP_STOP, {}, None
-    shape = tuple(int(d) for d in header[4:4 + int(header[3])])
-    t = (x.to(gang.device).contiguous() if gang.is_leader
-         else torch.empty(shape, dtype=_DTYPES[int(header[2])], device=gang.device))
-    try:
-        dist.broadcast(t, group=gang.group, group_src=0)
-    except Exception as exc:  # noqa: BLE001
-        raise _fail(gang, "broadcasting the job's input", start, exc) from exc
-    return OP_RUN, json.loads(bytes(buf.tolist()).decode()), t
+        return OP_STOP, {}, ()
+    out = []
+    for k in range(int(header[2])):
+        shape_header = torch.zeros(_HEADER, dtype=torch.int64)  # dtype code, ndim, shape[...]
+        if gang.is_leader:
+            x = xs[k]
+            if x.dim() > _HEADER - 2:
+                raise ValueError(f"gang_call: a {x.dim()}-d input (at most {_HEADER - 2} dimensions)")
+            shape_header[:2] = torch.tensor([_DTYPES.index(x.dtype), x.dim()])
+            shape_header[2:2 + x.dim()] = torch.tensor(x.shape)
+        try:
+            dist.broadcast(shape_header, group=gang.dispatch, group_src=0)
+            shape = tuple(int(d) for d in shape_header[2:2 + int(shape_header[1])])
+            t = (xs[k].to(gang.device).contiguous() if gang.is_leader
+                 else torch.empty(shape, dtype=_DTYPES[int(shape_header[0])], device=gang.device))
+            dist.broadcast(t, group=gang.group, group_src=0)
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(gang, "broadcasting the job's input", start, exc) from exc
+        out.append(t)
+    return OP_RUN, json.loads(bytes(buf.tolist()).decode()), tuple(out)
 
 
-def _run(gang: Gang, fn: Callable[[dict, torch.Tensor], torch.Tensor], meta: dict, x: torch.Tensor) -> torch.Tensor:
+def _run(gang: Gang, fn: Callable[[dict, tuple[torch.Tensor, ...]], Any], meta: dict,
+         xs: tuple[torch.Tensor, ...]) -> Any:
     start = time.perf_counter()
     try:
-        return fn(meta, x)
+        return fn(meta, xs)
     except Exception as exc:  # noqa: BLE001 - any failure inside a gang call ends the gang
         raise _fail(gang, "the model call", start, exc) from exc
 
 
-def gang_call(gang: Gang, fn: Callable[[dict, torch.Tensor], torch.Tensor], meta: dict | None = None,
-              x: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One model call on the gang. The leader passes ``meta`` (JSON-able job description) and ``x``;
-    a member passes neither and receives them. Every rank runs ``fn(meta, x)`` (the model under
-    context parallelism); the leader returns its output, members return ``None``.
+def gang_call(gang: Gang, fn: Callable[[dict, tuple[torch.Tensor, ...]], Any], meta: dict | None = None,
+              xs: torch.Tensor | tuple[torch.Tensor, ...] | None = None) -> Any:
+    """One model call on the gang. The leader passes ``meta`` (JSON-able job description) and the
+    job's input tensors ``xs`` (one tensor or a tuple); a member passes neither and receives them.
+    Every rank runs ``fn(meta, xs)`` (the model under context parallelism); the leader returns its
+    result, members return ``None``.
 
     Raises :class:`GangFailure` when a collective fails or ``fn`` raises on this rank.
     """
-    if gang.is_leader and (meta is None or x is None):
-        raise ValueError("gang_call: the leader passes meta and x")
-    op, meta, x = _exchange(gang, OP_RUN, meta, x)
+    if gang.is_leader and (meta is None or xs is None):
+        raise ValueError("gang_call: the leader passes meta and xs")
+    xs = (xs,) if isinstance(xs, torch.Tensor) else tuple(xs or ())
+    op, meta, xs = _exchange(gang, OP_RUN, meta, xs)
     if op == OP_STOP:
         return None
-    out = _run(gang, fn, meta, x)
+    out = _run(gang, fn, meta, xs)
     return out if gang.is_leader else None
 
 
-def job_fn(worker: Any, rank: int, flag_of: Callable[[int], Any]) -> Callable[[dict, torch.Tensor], Any]:
+def job_fn(worker: Any, rank: int, flag_of: Callable[[int], Any]) -> Callable[[dict, tuple[torch.Tensor, ...]], Any]:
     """What every rank of a gang runs for one job (the ``fn`` of :func:`gang_call` and
     :func:`serve_gang`): the :class:`~specdist.runtime.worker.StepWorker`'s call on the leader's job
-    (``meta``: the job's fields) and input, cancellable only as the whole gang (the worker agrees on
+    (``meta``: the job's fields) and inputs, cancellable only as the whole gang (the worker agrees on
     the flag ``flag_of(job id)`` per block); returns the worker's ``JobResult``."""
-    def fn(meta: dict, x: torch.Tensor) -> Any:
+    def fn(meta: dict, xs: tuple[torch.Tensor, ...]) -> Any:
         job = Job(**meta)
-        return worker.run(job, (x,), flag_of(job.id), rank)
+        return worker.run(job, xs, flag_of(job.id), rank)
     return fn
 
 
@@ -280,16 +292,16 @@ def stop_gang(gang: Gang) -> None:
     _exchange(gang, OP_STOP)
 
 
-def serve_gang(gang: Gang, fn: Callable[[dict, torch.Tensor], torch.Tensor]) -> int:
+def serve_gang(gang: Gang, fn: Callable[[dict, tuple[torch.Tensor, ...]], Any]) -> int:
     """A member's loop: take part in the leader's calls until :func:`stop_gang`; returns calls run."""
     if gang.is_leader:
         raise ValueError("serve_gang is the members' loop; the leader calls gang_call")
     calls = 0
     while True:
-        op, meta, x = _exchange(gang)
+        op, meta, xs = _exchange(gang)
         if op == OP_STOP:
             return calls
-        _run(gang, fn, meta, x)
+        _run(gang, fn, meta, xs)
         calls += 1
 
 

@@ -26,9 +26,9 @@ def gang_job_problem(cfg: Any) -> str | None:
     """Why the job's worker calls cannot run on a gang (``None`` when they can).
 
     On a gang every rank holds the whole model output (gathered at the plan's end), but block-level
-    features only for its own shard of the tokens. Latency jobs that return or take block-level
-    features (``cache.granularity`` other than ``output``: measuring, recording and draft calls)
-    would need them gathered, which the pool does not do yet. Throughput generations with
+    features only for its own shard of the tokens. Latency jobs that return or take them (measuring,
+    recording and draft calls at ``cache.granularity: block``) gather and cut them over the gang
+    (:mod:`specdist.runtime.shards`), so they run there. Throughput generations with
     specdist's caching methods decide on sharded features too; their engine agrees every
     data-dependent value over the gang (:class:`~specdist.runtime.agree.GangAgreement`: errors of
     the whole tensors, identical values on every rank), so ``fora``, ``taylorseer`` and ``speca`` run
@@ -37,9 +37,6 @@ def gang_job_problem(cfg: Any) -> str | None:
     agreed) or ``exact`` (its pool is the local one).
     """
     rt = cfg.runtime
-    if rt.mode == "latency" and cfg.method != "full" and cfg.cache.granularity != "output":
-        return (f"cache.granularity={cfg.cache.granularity} with runtime.mode=latency records and drafts block-level "
-                f"features, which a gang holds sharded over its ranks (not gathered yet); use cache.granularity=output")
     if rt.mode == "throughput" and cfg.method not in ("full", "fora", "taylorseer", "speca"):
         return (f"method={cfg.method} with runtime.mode=throughput decides inside each generation in a way that is "
                 f"not agreed over a gang's ranks; on gangs use method full, fora, taylorseer or speca")

@@ -109,10 +109,8 @@ class RayWorker:
         try:
             if self.gang is None:
                 r = self.worker.run(job, tensors, flag, self.index)
-            elif len(tensors) != 1:
-                raise SpecdistError(f"a {job.kind} job with {len(tensors)} tensors cannot run on a gang (one input)")
             else:  # the whole gang runs it; a failed collective raises GangFailure naming the gang
-                r = gang_call(self.gang, self.fn, dataclasses.asdict(job), tensors[0])
+                r = gang_call(self.gang, self.fn, dataclasses.asdict(job), tuple(tensors))
         finally:
             self.flags.pop(job.id, None)
             self.started.pop(job.id, None)

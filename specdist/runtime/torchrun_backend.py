@@ -282,10 +282,8 @@ def serve(worker: Any, ctrl: Any, gang: Gang | None = None) -> int:
                 raise GangFailure(broken)
             if gang is None:
                 r = worker.run(job, tensors, flag, rank)
-            elif len(tensors) != 1:
-                raise SpecdistError(f"a {job.kind} job with {len(tensors)} tensors cannot run on a gang (one input)")
             else:
-                r = gang_call(gang, fn, _job_dict(job), tensors[0])
+                r = gang_call(gang, fn, _job_dict(job), tuple(tensors))
         except GangFailure as exc:
             broken = str(exc)
             r = JobResult(job, "failed", None, rank, 0.0, {"error": f"GangFailure: {exc}"})

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
@@ -24,6 +25,7 @@ from ..engine.hooks import SpeculationHooks
 from ..sampling import model_device, model_dtype
 from .agree import GangAgreement, agree_flag
 from .jobs import CANCELLED, DONE, DRAFT, GENERATION, Job, JobResult, WorkerSpec
+from .shards import gather_shards, shard_of, sum_sizes
 
 _HOOK = "specdist_runtime_cancel"
 
@@ -175,19 +177,32 @@ class StepWorker:
             hooks.plan("off")
         if record == "measure":
             guided = self.cond.uncond_kwargs is not None and self.cond.guidance_scale > 1.0
-            return out, (), {"sizes": dict(plan.sizes), "rows": x_in.shape[0] * (2 if guided else 1)}
+            sizes = dict(plan.sizes) if self.group is None else sum_sizes(plan.sizes, self.group)  # the gang's shards
+            return out, (), {"sizes": sizes, "rows": x_in.shape[0] * (2 if guided else 1)}
         names = hooks.feature_names(job.meta.get("start", 0))
         feats = [plan.recorded[n] for n in names]
-        layout = [[n, len(f)] for n, f in zip(names, feats)]
-        return out, tuple(t.float().cpu() for f in feats for t in f), {"layout": layout}
+        if self.group is None:
+            layout = [[n, len(f)] for n, f in zip(names, feats)]
+            return out, tuple(t.float().cpu() for f in feats for t in f), {"layout": layout}
+        # a gang: the whole features (every rank's shard, gathered); the layout keeps each shard's shape
+        gathered, shapes = gather_shards(tuple(t for f in feats for t in f), self.group)
+        layout, k = [], 0
+        for n, f in zip(names, feats):
+            layout.append([n, len(f), shapes[k:k + len(f)]])
+            k += len(f)
+        return out, gathered, {"layout": layout}
 
     def _draft(self, job: Job, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """A speculative call: the forecast features re-gated by every block's norms and the step's
         modulation (the engine's ``speculate`` plan, without the probe)."""
         hooks = self.speculation_hooks()
         forecast, k = {}, 1
-        for name, n in job.meta["layout"]:
-            forecast[name] = tuple(t.to(self.device) for t in tensors[k:k + n])
+        rank, world = (0, 1) if self.group is None else (dist.get_rank(self.group), dist.get_world_size(self.group))
+        for name, n, *shard_shapes in job.meta["layout"]:
+            parts = tensors[k:k + n]
+            if shard_shapes:  # a gang's gathered features: this rank's shard of each forecast
+                parts = tuple(shard_of(t, shape, rank, world) for t, shape in zip(parts, shard_shapes[0]))
+            forecast[name] = tuple(t.to(self.device) for t in parts)
             k += n
         hooks.plan("speculate", verify=False, forecast=forecast, start=job.meta.get("start", 0))
         try:
