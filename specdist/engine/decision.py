@@ -75,7 +75,12 @@ class Rule:
             run_len: ``[B]`` consecutive speculative steps of each sample since its last full step.
             ready: ``[B]`` samples whose cache holds at least one full step.
         """
-        return (~ready) | (step in self.forced) | (run_len >= self.run_limit())
+        return (~ready) | self.run_ends(step, run_len)
+
+    def run_ends(self, step: int, run_len: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B]``: a run of speculative steps cannot go on at ``step`` — the step is forced, or
+        the run (``run_len`` steps so far) is at its limit. The latency runtime ends its windows here."""
+        return (step in self.forced) | (run_len >= self.run_limit())
 
     def waive(self, step: int, samples: torch.Tensor, run_len: torch.Tensor) -> torch.Tensor:
         """Bool ``[n]``: speculative steps of ``samples`` accepted without running the check."""

@@ -328,10 +328,10 @@ class Trajectory:
             err = forecast_error(d.prediction, true, "rel_l2").cpu()
             self.stats.errors.append(float(err[0]))
             one, run = torch.zeros(1, dtype=torch.long), torch.tensor([j])
-            # the engine's question first: would this sample compute the step fully without
-            # speculating (forced, a run at cache.max_run, or — quality target — a forecast predicted
-            # to fail or to overspend the budget)? Then the window ends here on the reference output.
-            if d.step in self.forced or bool(self.rule.must_compute(d.step, run, torch.ones(1, dtype=torch.bool))[0]):
+            # where the engine's rule ends a run (a forced step, a run at cache.max_run), the window
+            # ends on the reference output. (The target's pre-emption is the engine's way to skip a
+            # speculative call predicted to fail; here the draft and its reference are already computed.)
+            if d.step in self.forced or bool(self.rule.run_ends(d.step, run)[0]):
                 self.stats.decisions.append("F")
                 return self._close(j, true, passed=True)
             passed = bool(self.rule.accept(d.step, one, err, torch.zeros(1, dtype=torch.bool), run)[0])
