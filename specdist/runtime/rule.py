@@ -331,7 +331,7 @@ class Trajectory:
             # where the engine's rule ends a run (a forced step, a run at cache.max_run), the window
             # ends on the reference output. (The target's pre-emption is the engine's way to skip a
             # speculative call predicted to fail; here the draft and its reference are already computed.)
-            if d.step in self.forced or bool(self.rule.run_ends(d.step, run)[0]):
+            if bool(self.rule.run_ends(d.step, run)[0]):
                 self.stats.decisions.append("F")
                 return self._close(j, true, passed=True)
             passed = bool(self.rule.accept(d.step, one, err, torch.zeros(1, dtype=torch.bool), run)[0])

@@ -165,7 +165,9 @@ class StepWorker:
 
     def _step(self, job: Job, x_in: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], dict]:
         """A full call; ``meta["record"]`` ``measure`` returns the branch sizes, ``record`` the
-        block-level features of the region from ``meta["start"]`` (flat, in the hooks' order)."""
+        block-level features of the region from ``meta["start"]`` (flat, in the hooks' order). On a
+        gang the sizes are summed over its shards and the features gathered from them
+        (:mod:`~specdist.runtime.shards`; the layout then carries each shard's shape for the drafts)."""
         record = job.meta.get("record", "off")
         if record == "off":
             return self._predict(job, x_in).cpu(), (), {}
