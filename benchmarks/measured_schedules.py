@@ -18,8 +18,6 @@ Writes ``benchmarks/results/measured_schedules.{md,json}``. CPU; no timing.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
@@ -32,20 +30,12 @@ from specdist.methods import run_method
 from specdist.metrics import compare
 from specdist.sampling import initial_noise
 
-MODELS = ("dit-shapes", "hunyuan-shapes-video", "wan-shapes")
-STEPS = 50
+from schedule_sensitivity import MODELS, STEPS, argv_suffix, model_inputs, write_results
+
 WARMUPS = (3, 5)
 INTERVALS = (2, 3, 4, 5, 6)
 MARGIN_DB = 1.0
 """The pick: worst calibration-seed sample at least target + this."""
-
-
-def _cond(bundle, n: int):
-    if bundle.conditions_on == "class":
-        return bundle.encode([], [bundle.class_names[i % len(bundle.class_names)] for i in range(n)],
-                             bundle.default_guidance, 0)
-    return bundle.encode([bundle.default_prompts[i % len(bundle.default_prompts)] for i in range(n)], [],
-                         bundle.default_guidance, 0)
 
 
 def full_steps(warmup: int, interval: int) -> set[int]:
@@ -67,7 +57,7 @@ def predicted_psnr(cal, target: float, fulls: set[int]) -> float:
 def measure(model: str, n: int, targets: list[float]) -> dict:
     """Every schedule on both seed sets, and the damage model's prediction (module doc)."""
     bundle = load_model(model)
-    cond = _cond(bundle, n)
+    cond = model_inputs(bundle, n)
     shape = bundle.latent_shape(None, None, None)
     seed_sets = {"calibration": [CALIBRATION_SEED + s for s in range(n)], "benchmark": list(range(n))}
     cal, _ = calibration_for(bundle, CacheConfig(target_psnr_db=targets[0]), STEPS, shape, cond.guidance_scale,
@@ -135,15 +125,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     results = [measure(m, args.samples, args.targets) for m in args.models]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "measured_schedules.json").write_text(json.dumps({"steps": STEPS, "results": results}, indent=2,
-                                                            default=str))
-    argv = "" if args.models == list(MODELS) and args.samples == 4 else \
-        f" --models {' '.join(args.models)} --samples {args.samples}"
-    text = _markdown(results, args.targets, argv)
-    (out / "measured_schedules.md").write_text(text)
-    print(text)
+    write_results(args.out, "measured_schedules", {"steps": STEPS, "results": results},
+                  _markdown(results, args.targets, argv_suffix(args.models, args.samples)))
 
 
 if __name__ == "__main__":

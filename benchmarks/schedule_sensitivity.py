@@ -41,7 +41,8 @@ WINDOW_VARIANTS = (("order 1", 1, 0.0), ("order 2 (fallback, default)", 2, 2.0),
 """(label, cache.order, cache.extrapolation_ratio) of the window study's rows."""
 
 
-def _inputs(bundle, n: int):
+def model_inputs(bundle, n: int):
+    """The conditioning of ``n`` samples: the model's default class labels or prompts, in turn."""
     if bundle.conditions_on == "class":
         return bundle.encode([], [bundle.class_names[i % len(bundle.class_names)] for i in range(n)],
                              bundle.default_guidance, 0)
@@ -59,7 +60,7 @@ def _row(label: str, res, pixels: torch.Tensor, ref_pixels: torch.Tensor) -> dic
 def measure(model: str, n: int, targets: list[float], intervals: list[int]) -> dict:
     """Every run of one model (see the module doc)."""
     bundle = load_model(model)
-    cond = _inputs(bundle, n)
+    cond = model_inputs(bundle, n)
     shape = bundle.latent_shape(None, None, None)
     run = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, initial_noise(shape, list(range(n))), STEPS)
     ref_pixels = bundle.decode(run_method("full", *run, desc=f"{model} full").latents)
@@ -114,6 +115,20 @@ def _markdown(results: list[dict], argv: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def argv_suffix(models: list[str], samples: int) -> str:
+    """The command-line arguments a results file names (empty for the defaults: every model, 4 samples)."""
+    return "" if models == list(MODELS) and samples == 4 else f" --models {' '.join(models)} --samples {samples}"
+
+
+def write_results(out_dir: str, stem: str, payload: dict, text: str) -> None:
+    """``<out_dir>/<stem>.json`` and ``<stem>.md``; the markdown is printed too."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -123,14 +138,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     results = [measure(m, args.samples, args.targets, args.intervals) for m in args.models]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "schedule_sensitivity.json").write_text(json.dumps({"steps": STEPS, "results": results}, indent=2))
-    argv = "" if args.models == list(MODELS) and args.samples == 4 else \
-        f" --models {' '.join(args.models)} --samples {args.samples}"
-    text = _markdown(results, argv)
-    (out / "schedule_sensitivity.md").write_text(text)
-    print(text)
+    write_results(args.out, "schedule_sensitivity", {"steps": STEPS, "results": results},
+                  _markdown(results, argv_suffix(args.models, args.samples)))
 
 
 if __name__ == "__main__":
