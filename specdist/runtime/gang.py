@@ -232,8 +232,6 @@ def _exchange(gang: Gang, op: int = OP_RUN, meta: dict | None = None,
         shape_header = torch.zeros(_HEADER, dtype=torch.int64)  # dtype code, ndim, shape[...]
         if gang.is_leader:
             x = xs[k]
-            if x.dim() > _HEADER - 2:
-                raise ValueError(f"gang_call: a {x.dim()}-d input (at most {_HEADER - 2} dimensions)")
             shape_header[:2] = torch.tensor([_DTYPES.index(x.dtype), x.dim()])
             shape_header[2:2 + x.dim()] = torch.tensor(x.shape)
         try:
@@ -269,6 +267,9 @@ def gang_call(gang: Gang, fn: Callable[[dict, tuple[torch.Tensor, ...]], Any], m
     if gang.is_leader and (meta is None or xs is None):
         raise ValueError("gang_call: the leader passes meta and xs")
     xs = (xs,) if isinstance(xs, torch.Tensor) else tuple(xs or ())
+    deep = [x.dim() for x in xs if x.dim() > _HEADER - 2]
+    if deep:  # refused before anything is broadcast, so no member is left waiting for a header
+        raise ValueError(f"gang_call: a {deep[0]}-d input (at most {_HEADER - 2} dimensions)")
     op, meta, xs = _exchange(gang, OP_RUN, meta, xs)
     if op == OP_STOP:
         return None
