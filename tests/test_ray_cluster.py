@@ -91,6 +91,10 @@ def test_default_job_starts_and_stops_its_own_ray_cluster(tmp_path, monkeypatch,
     assert (out / "video.mp4").stat().st_size > 0
     worst = report["reference"]["pixels"]["psnr_db"]["worst"]
     assert worst == "inf" or worst > 30  # "inf": every draft was rejected, the result is full compute
+    # the distributed report states the target, the quality reached and the calibration's size
+    assert report["quality_target"] == {"target_psnr_db": 30.0, "worst_psnr_db": worst, "met": True,
+                                        "calibration_samples": 4}
+    assert report["reference"]["speedup_wall"] > 0
     # it started a cluster of its own (under RAY_TMPDIR) and stopped it: nothing is left running
     assert list(Path(ray_tmp, "ray").glob("session_2*/logs/raylet.out"))
     assert not ray.is_initialized()

@@ -192,3 +192,16 @@ def test_pipeline_drop_in_runs_to_a_calibrated_target():
                  num_inference_steps=6, output_type="latent")
     finally:
         specdist.disable(pipe)
+
+
+def test_a_missed_target_is_named_in_one_line_with_its_shortfall_and_the_calibration_size():
+    from specdist.generate import target_notice
+
+    missed = {"target_psnr_db": 30.0, "worst_psnr_db": 24.6, "met": False, "calibration_samples": 4}
+    line = target_notice(missed, 8)
+    assert line is not None and "\n" not in line
+    assert "24.6 dB" in line and "5.4 dB below the 30 dB target" in line and "saw 4 samples" in line
+    assert "worst of 8 samples" in line and "cache.calibration_samples" in line
+    assert target_notice({**missed, "worst_psnr_db": 31.0, "met": True}, 8) is None
+    assert target_notice({**missed, "worst_psnr_db": "inf", "met": True}, 8) is None
+    assert target_notice(None, 8) is None
