@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     results = [measure(m, args.samples, args.targets, args.calibration_samples) for m in args.models]
-    default = (args.models == list(MODELS) and args.samples == 8 and args.targets == [30.0, 35.0]
-               and args.calibration_samples == [4, 8])
+    defaults = vars(parser.parse_args([]))
+    default = all(getattr(args, k) == v for k, v in defaults.items() if k != "out")
     argv = "" if default else (f" --models {' '.join(args.models)} --samples {args.samples} --targets "
                                f"{' '.join(f'{t:g}' for t in args.targets)} --calibration-samples "
                                f"{' '.join(map(str, args.calibration_samples))}")
