@@ -308,6 +308,22 @@ class RayPool(WorkerPool):
         return out
 
 
+def _all_dead(workers: list, timeout_s: float = 5.0) -> bool:
+    """Whether every worker actor is dead: its ``ready`` call fails with an actor-death error (a
+    worker that is busy or slow to answer within ``timeout_s`` counts as alive)."""
+    refs = [w.ready.remote() for w in workers]
+    answered, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if len(answered) < len(refs):
+        return False
+    for ref in answered:
+        try:
+            ray.get(ref)
+            return False
+        except ray.exceptions.RayActorError:
+            pass
+    return True
+
+
 def _death_reason(exc: Exception) -> str:
     """The one line of a Ray actor-death error that says why the actor died."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -409,6 +425,9 @@ def run_on_ray(cfg: Any, spec: WorkerSpec, plan: Any, *, progress: bool = True,
         try:
             result, pool_stats = ray.get(coord.run.remote(cfg, plan, progress, rt.max_retries))
         except ray.exceptions.RayActorError as exc:  # the coordinator actor itself is gone
+            if _all_dead(workers):  # killed with its workers: name the cause, not the casualty
+                raise SpecdistError(f"all Ray workers died, and the coordinator actor with them "
+                                    f"({_death_reason(exc)}); the run cannot complete") from None
             raise SpecdistError(f"the Ray coordinator actor died ({_death_reason(exc)}); the run cannot complete "
                                 "(a worker that dies while a tensor moves to or from it does this: Ray's collective "
                                 "tensor transport then kills both ends of the failed transfer)") from None
