@@ -22,12 +22,12 @@ import yaml
 
 from .engine.config import CACHE_METHODS, PEER_METHODS, CacheConfig, ExactConfig, PeerConfig
 from .errors import ConfigError
-from .runtime.config import LATENCY_METHODS, RuntimeConfig, check_latency_cache
+from .runtime.config import LATENCY_METHODS, PicardConfig, RuntimeConfig, check_latency_cache
 from .errors import check_value as _check
 from .attention import ATTENTION_BACKENDS
 from .memory import OFFLOADS
 
-METHODS = ("full", *CACHE_METHODS, *PEER_METHODS, "exact")
+METHODS = ("full", *CACHE_METHODS, *PEER_METHODS, "exact", "picard")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -76,7 +76,9 @@ class GenerateConfig:
     diffusers built-in cache as a peer: ``diffusers-fbcache``, ``diffusers-taylorseer``,
     ``diffusers-magcache``, ``diffusers-pab`` (see :mod:`specdist.engine.config`), or ``exact``:
     exact speculative sampling of a stochastic sampler (``exact:`` section; needs e.g.
-    ``scheduler: DDPMScheduler``; see :mod:`specdist.engine.exact`)."""
+    ``scheduler: DDPMScheduler``; see :mod:`specdist.engine.exact`), or ``picard``: parallel-in-time
+    Picard iteration on a worker pool (latency mode; ``picard:`` section; see
+    :mod:`specdist.runtime.picard`)."""
     steps: int = 50
     """Denoising steps."""
     seed: int = 0
@@ -127,6 +129,7 @@ class GenerateConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     exact: ExactConfig = field(default_factory=ExactConfig)
+    picard: PicardConfig = field(default_factory=PicardConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -161,6 +164,8 @@ class GenerateConfig:
         self.peer.validate(f"{prefix}peer.")
         self.exact.validate(f"{prefix}exact.")
         self._validate_exact(prefix)
+        self.picard.validate(f"{prefix}picard.")
+        self._validate_picard(prefix)
         self.output.validate(f"{prefix}output.")
         self.runtime.validate(f"{prefix}runtime.")
         if self.runtime.distributed and self.runtime.mode == "latency" and self.method != "exact":
@@ -169,6 +174,22 @@ class GenerateConfig:
                    f"or runtime.backend=none)")
             if self.method == "speca":
                 check_latency_cache(self.cache, f"{prefix}cache.")
+
+    def _validate_picard(self, prefix: str) -> None:
+        """``picard.*`` only with method=picard; with it, no ``cache.*``/``peer.*`` knob, a worker pool
+        in latency mode."""
+        if self.method != "picard":
+            _refuse_changed(self.picard, PicardConfig(), f"{prefix}picard.", f"the default with "
+                            f"method={self.method!r} (it applies to method=picard)")
+            return
+        _refuse_changed(self.cache, CacheConfig(), f"{prefix}cache.", "the default with method=picard (its knobs "
+                        "are picard.window, picard.tol, picard.init)")
+        _refuse_changed(self.peer, PeerConfig(), f"{prefix}peer.", "the default with method=picard")
+        _check(self.runtime.backend != "none", f"{prefix}runtime.backend", self.runtime.backend,
+               "local, ray or torchrun with method=picard (it refines a window of states on a worker pool; "
+               "runtime.workers=1 runs it one call at a time)")
+        _check(self.runtime.mode == "latency", f"{prefix}runtime.mode", self.runtime.mode,
+               "latency with method=picard (the workers compute one generation's window of states)")
 
     def _validate_exact(self, prefix: str) -> None:
         """``exact.*`` only with method=exact; with it, no ``cache.*``/``peer.*`` knob and no worker pool."""

@@ -10,8 +10,9 @@ the job through a worker pool (:mod:`specdist.runtime.pool`) driven by the coord
 * ``torchrun`` — SPMD under ``torchrun``: rank 0 coordinates, ranks ≥ 1 are workers,
   torch.distributed point-to-point (``gloo`` on CPU, ``nccl`` on GPUs).
 
-Modes: ``latency`` speeds up each generation with parallel verification (method ``speca``; ``full``
-runs every step on the pool, the one-worker baseline); ``throughput`` runs whole generations on the
+Modes: ``latency`` speeds up each generation with parallel verification (method ``speca``) or
+parallel-in-time Picard iteration (method ``picard``, ``picard:`` section); ``full`` runs every step
+on the pool, the one-worker baseline); ``throughput`` runs whole generations on the
 workers, each with the single-device engine's ``method``.
 """
 
@@ -25,7 +26,30 @@ from ..errors import check_value as _check
 
 BACKENDS = ("none", "local", "ray", "torchrun")
 MODES = ("latency", "throughput")
-LATENCY_METHODS = ("full", "speca")
+LATENCY_METHODS = ("full", "speca", "picard")
+PICARD_INITS = ("drift", "copy")
+
+
+@dataclass(kw_only=True)
+class PicardConfig:
+    """Knobs of ``method: picard`` (latency mode): ParaDiGMS-style Picard iteration over a sliding
+    window of states with drafted initial guesses (:mod:`specdist.runtime.picard`)."""
+
+    window: int = 8
+    """States refined per round (one full call each, in parallel): best with ``runtime.workers``
+    equal to it. The result depends on it, not on the number of workers."""
+    tol: float = 0.5
+    """The largest change of a guess in a round, relative to that step's own displacement (RMS), for
+    the window to slide past it; 0 reproduces ``full`` bit for bit. Below 1 (a guess that did not
+    move at all has change 1)."""
+    init: str = "drift"
+    """Guesses at positions new to the window: ``drift`` (the sampler stepped on with the newest
+    model output held fixed; no model call) or ``copy`` (the last known state: textbook ParaDiGMS)."""
+
+    def validate(self, prefix: str = "picard.") -> None:
+        _check(1 <= self.window <= 64, f"{prefix}window", self.window, "an integer 1..64")
+        _check(0 <= self.tol < 1, f"{prefix}tol", self.tol, "a number in [0, 1)")
+        _check(self.init in PICARD_INITS, f"{prefix}init", self.init, f"one of {list(PICARD_INITS)}")
 
 
 @dataclass(kw_only=True)

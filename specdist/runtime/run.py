@@ -19,6 +19,7 @@ from .coordinator import Coordinator, RunResult
 from .jobs import WorkerSpec
 from .layout import job_layout
 from .pool import LocalPool
+from .picard import PicardTrajectory
 from .rule import Trajectory
 from .worker import StepWorker, encode_all
 
@@ -40,14 +41,19 @@ def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float
 
 
 def build_trajectories(cfg: Any, adapter: Any, scheduler: Any, noise: torch.Tensor, dtype: torch.dtype,
-                       calibration: Calibration | None = None) -> list[Trajectory]:
+                       calibration: Calibration | None = None) -> list[Trajectory | PicardTrajectory]:
     """One latency-mode :class:`Trajectory` per sample (``noise[i]``), its rule made by the engine's
-    decision module (verifier: the reference output itself), states kept on the CPU."""
+    decision module (verifier: the reference output itself), or with ``method: picard`` one
+    :class:`~specdist.runtime.picard.PicardTrajectory`; states kept on the CPU."""
     trajs = []
     for i in range(noise.shape[0]):
         sched = fresh_scheduler(scheduler)
         adapter.set_timesteps(sched, cfg.steps, tuple(noise.shape[1:]), torch.device("cpu"))
         latents = init_latents(sched, noise[i:i + 1], torch.device("cpu"))
+        if cfg.method == "picard":
+            p = cfg.picard
+            trajs.append(PicardTrajectory(sched, latents, p.window, p.tol, p.init, dtype=dtype))
+            continue
         rule = None if cfg.method == "full" else make_rule(cfg.method, cfg.cache, cfg.steps, 1, calibration=calibration,
                                                             signal="output")
         trajs.append(Trajectory(sched, latents, cfg.cache, rule, cfg.runtime.lookahead,

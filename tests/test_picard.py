@@ -1,0 +1,141 @@
+"""method=picard (latency mode): Picard iteration over a sliding window with drafted guesses —
+exactness at tol 0, determinism across worker counts, result order and backends, what the drafts
+buy, and the configs it refuses."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import threading
+
+import pytest
+import torch
+
+from specdist.config import load_config
+from specdist.errors import ConfigError
+from specdist.generate import job_inputs
+from specdist.loading import load_model
+from specdist.report import output_sha256
+from specdist.runtime.coordinator import job_for
+from specdist.runtime.picard import PicardTrajectory
+from specdist.runtime.run import build_trajectories, run_distributed, worker_spec
+from specdist.runtime.worker import StepWorker, encode_all
+from specdist.sampling import initial_noise
+
+from runtime_jobs import sequential
+
+STEPS = 12
+PICARD = ["model=dit-shapes", f"steps={STEPS}", "num_samples=2", "method=picard", "picard.window=4",
+          "picard.tol=0.3", "runtime.backend=local"]
+
+
+def picard_job(*overrides: str):
+    cfg = load_config(None, [*PICARD, *overrides])
+    bundle = load_model(cfg.model)
+    prompts, labels = job_inputs(cfg, bundle)
+    guidance = cfg.guidance_scale or bundle.default_guidance
+    noise = initial_noise(bundle.latent_shape(None, None, None), [cfg.seed, cfg.seed + 1])
+    return cfg, bundle, prompts, labels, guidance, noise
+
+
+@pytest.fixture(scope="module")
+def reference():
+    args = picard_job()
+    return output_sha256(sequential(*args)), args
+
+
+def _rounds(args) -> list[int]:
+    cfg, bundle, prompts, labels, guidance, noise = args
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False, log=lambda m: None)
+    return run.anchors
+
+
+def test_tol_zero_equals_full_bit_for_bit():
+    """tol 0 slides only past guesses that were the exact state: the full trajectory, every bit."""
+    args = picard_job("picard.tol=0.0")
+    full = sequential(*picard_job("method=full", "picard.window=8", "picard.tol=0.5"))
+    assert torch.equal(sequential(*args), full)
+
+
+def test_picard_commits_fewer_rounds_than_steps_and_stays_close(reference):
+    """The point of the method: fewer sequential rounds than steps, and a result near full compute
+    (and not equal to it: the tolerance is used)."""
+    sha, args = reference
+    rounds = _rounds(args)
+    assert all(r < STEPS for r in rounds), rounds
+    got = sequential(*args)
+    full = sequential(*picard_job("method=full", "picard.window=8", "picard.tol=0.5"))
+    rel = ((got - full).norm() / full.norm()).item()
+    assert 0 < rel < 0.25, rel
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_local_pool_of_any_size_matches_sequential(reference, workers):
+    sha, _ = reference
+    cfg, bundle, prompts, labels, guidance, noise = picard_job(f"runtime.workers={workers}")
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False, log=lambda m: None)
+    assert output_sha256(run.latents) == sha
+    assert all(len(d) == STEPS for d in run.decisions), run.decisions
+    assert run.stats.jobs_stale == run.stats.jobs_cancelled == 0  # a round waits for all of its calls
+
+
+def test_result_order_does_not_matter(reference):
+    sha, (cfg, bundle, prompts, labels, guidance, noise) = reference
+    spec = worker_spec(cfg, prompts, labels, guidance)
+    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+    rng = random.Random(1)
+    outs = []
+    try:
+        for i, t in enumerate(build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)):
+            assert isinstance(t, PicardTrajectory)
+            while not t.done:
+                wanted = t.wanted()
+                rng.shuffle(wanted)
+                for request in wanted:
+                    r = worker.run(job_for(request, 0, i, t), request.tensors, threading.Event())
+                    t.deliver(request, r.output, r.features, r.meta)
+            outs.append(t.final)
+    finally:
+        worker.close()
+    assert output_sha256(torch.cat(outs)) == sha
+
+
+def test_drifted_guesses_need_fewer_rounds_than_copies():
+    """Stepping the guesses on with the newest output (drift) beats copying the last state (the
+    textbook ParaDiGMS initialisation) at the same tolerance."""
+    drift = _rounds(picard_job("picard.window=8", "steps=24"))
+    copy = _rounds(picard_job("picard.window=8", "steps=24", "picard.init=copy"))
+    assert sum(drift) < sum(copy), (drift, copy)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+def test_ray_backend_matches_sequential(reference):
+    import ray
+
+    sha, _ = reference
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        cfg, bundle, prompts, labels, guidance, noise = picard_job("runtime.backend=ray", "runtime.workers=2")
+        run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False, log=lambda m: None)
+    finally:
+        ray.shutdown()
+    assert output_sha256(run.latents) == sha
+
+
+@pytest.mark.parametrize("override, field", [
+    ("cache.order=1", "cache.order"),
+    ("peer.fbcache_threshold=0.1", "peer.fbcache_threshold"),
+    ("runtime.backend=none", "runtime.backend"),
+    ("runtime.mode=throughput", "runtime.mode"),
+    ("picard.tol=1.0", "picard.tol"),
+    ("picard.window=0", "picard.window"),
+    ("picard.init=zero", "picard.init"),
+])
+def test_bad_picard_configs_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [*PICARD, override])
+
+
+def test_picard_knobs_are_refused_for_other_methods():
+    with pytest.raises(ConfigError, match=r"picard\.tol.*method=picard"):
+        load_config(None, ["method=speca", "picard.tol=0.2"])
