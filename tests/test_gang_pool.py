@@ -125,6 +125,22 @@ def test_throughput_generations_on_gangs_match_single_process(tmp_path, method):
     assert [rec["result"]["jobs"] for rec in records[1:]] == [1, 1, 1, 1]  # one generation per gang, members too
 
 
+def test_picard_on_gangs_matches_single_process(tmp_path):
+    """method=picard runs only full calls, so it runs on gangs: 2 gangs of 2 commit the same
+    decisions as the single process and latents within context parallelism's rounding."""
+    overrides = ["model=hunyuan-shapes-video", "steps=8", "num_samples=1", "method=picard", "picard.window=4",
+                 "runtime.mode=latency", "runtime.workers=2", "runtime.gang_size=2"]
+    records = run_world(gang_pool_ranks.run_job, 5, tmp_path, overrides, deadline_s=120)
+    for r, rec in enumerate(records):
+        assert rec["ok"], (r, rec["error"])
+    got = records[0]["result"]
+    ref = run_distributed(*gang_pool_ranks.job([*overrides[:-2], "runtime.backend=local", "runtime.workers=1"]),
+                          progress=False, log=lambda m: None)
+    rel = float((torch.tensor(got["latents"]) - ref.latents).norm() / ref.latents.norm())
+    assert rel < 1e-5, rel
+    assert got["decisions"] == ref.decisions and "A" in ref.decisions[0], (got["decisions"], ref.decisions)
+
+
 @pytest.fixture(scope="module")
 def video():
     return load_model("hunyuan-shapes-video")
