@@ -139,3 +139,24 @@ def test_bad_picard_configs_name_the_field(override, field):
 def test_picard_knobs_are_refused_for_other_methods():
     with pytest.raises(ConfigError, match=r"picard\.tol.*method=picard"):
         load_config(None, ["method=speca", "picard.tol=0.2"])
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_drift_holds_the_schedulers_own_clean_sample_prediction(kind):
+    """The x̂_0 that drift holds fixed is DDIM's own ``pred_original_sample``; flow matching holds the
+    output itself (no map)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from specdist.runtime.picard import _x0_map
+
+    s = DDIMScheduler(prediction_type=kind, clip_sample=False)
+    s.set_timesteps(10)
+    t = s.timesteps[3]
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g)
+    a, b = _x0_map(s, t)
+    want = s.step(out, t, x).pred_original_sample
+    assert torch.allclose(a * x + b * out, want, atol=1e-5)
+    flow = FlowMatchEulerDiscreteScheduler()
+    flow.set_timesteps(10)
+    assert _x0_map(flow, flow.timesteps[3]) is None

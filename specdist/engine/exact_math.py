@@ -88,7 +88,7 @@ def gaussian_draw(mean: torch.Tensor, std: float, z: torch.Tensor) -> torch.Tens
     return mean + std * z.to(mean.device, torch.float32) if std > 0 else mean
 
 
-def _prediction(kind: str, alpha: float) -> tuple[float, float, float, float]:
+def prediction_coefficients(kind: str, alpha: float) -> tuple[float, float, float, float]:
     """``(x0_x, x0_o, e_x, e_o)`` for prediction type ``kind`` at cumulative alpha ``alpha``."""
     a, b = math.sqrt(alpha), math.sqrt(1.0 - alpha)
     if kind == "epsilon":
@@ -123,7 +123,7 @@ def _ddpm_kernels(s) -> list[GaussianKernel]:
         a_prev = float(ac[prev]) if prev >= 0 else 1.0
         alpha_t = a_t / a_prev
         beta_t = 1.0 - alpha_t
-        x0_x, x0_o, _, _ = _prediction(config["prediction_type"], a_t)
+        x0_x, x0_o, _, _ = prediction_coefficients(config["prediction_type"], a_t)
         var = max((1.0 - a_prev) / (1.0 - a_t) * beta_t, 1e-20)
         std = {"fixed_small": math.sqrt(var), "fixed_small_log": math.exp(0.5 * math.log(var)),
                "fixed_large": math.sqrt(beta_t)}[variance] if t > 0 else 0.0
@@ -145,7 +145,7 @@ def _ddim_kernels(s, eta: float) -> list[GaussianKernel]:
         a_prev = float(ac[prev]) if prev >= 0 else final
         var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
         std = eta * math.sqrt(max(var, 0.0))
-        x0_x, x0_o, e_x, e_o = _prediction(config["prediction_type"], a_t)
+        x0_x, x0_o, e_x, e_o = prediction_coefficients(config["prediction_type"], a_t)
         kernels.append(GaussianKernel(
             timestep=float(t), std=std, c0=math.sqrt(a_prev), cx=0.0,
             ce=math.sqrt(max(1.0 - a_prev - std**2, 0.0)), x0_x=x0_x, x0_o=x0_o, e_x=e_x, e_o=e_o,

@@ -44,7 +44,8 @@ class PicardConfig:
     move at all has change 1)."""
     init: str = "drift"
     """Guesses at positions new to the window: ``drift`` (the sampler stepped on with the newest
-    model output held fixed; no model call) or ``copy`` (the last known state: textbook ParaDiGMS)."""
+    model output's clean-sample prediction held fixed — for flow matching the output itself; no
+    model call) or ``copy`` (the last known state: textbook ParaDiGMS)."""
 
     def validate(self, prefix: str = "picard.") -> None:
         _check(1 <= self.window <= 64, f"{prefix}window", self.window, "an integer 1..64")
