@@ -1,4 +1,4 @@
-"""Small runtime jobs shared by the runtime tests (a speca latency job on the DiT zoo model)."""
+"""Small runtime jobs shared by the runtime tests (speca and picard latency jobs on the DiT zoo model)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ from specdist.sampling import initial_noise
 STEPS = 10
 BASE = ["model=dit-shapes", f"steps={STEPS}", "num_samples=2", "method=speca", "cache.tau0=0.12", "cache.beta=1.0",
         "cache.warmup=2", "cache.granularity=block", "runtime.lookahead=4"]
+
+
+PICARD = ["model=dit-shapes", "steps=12", "num_samples=2", "method=picard", "picard.window=4", "picard.tol=0.3",
+          "runtime.backend=local"]
+
+
+def picard_job(*overrides: str):
+    """A small method=picard latency job on the DiT zoo model (window 4: rounds slide and stop)."""
+    cfg = load_config(None, [*PICARD, *overrides])
+    bundle = load_model(cfg.model)
+    prompts, labels = job_inputs(cfg, bundle)
+    guidance = cfg.guidance_scale or bundle.default_guidance
+    noise = initial_noise(bundle.latent_shape(None, None, None), [cfg.seed, cfg.seed + 1])
+    return cfg, bundle, prompts, labels, guidance, noise
 
 
 def job(*overrides: str):

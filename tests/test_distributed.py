@@ -22,7 +22,7 @@ from specdist.report import output_sha256
 from specdist.runtime.report import runtime_report
 from specdist.runtime.run import run_distributed
 
-from runtime_jobs import BASE, assert_counters, job, sequential
+from runtime_jobs import BASE, assert_counters, job, picard_job, sequential
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 
@@ -118,6 +118,24 @@ def test_killed_ray_worker_is_survived(cluster, reference):
     rt = runtime_report(cfg, run)
     assert rt["workers_lost"] == 1 and rt["resubmitted"] >= 1
     assert_counters(rt, tensor_bytes=tensor_bytes)
+
+
+@needs_ray
+def test_picard_on_ray_survives_a_killed_worker(cluster):
+    """method=picard on 3 Ray actors equals the single-process rule, also when a worker is SIGKILLed
+    mid-job (its job goes to another worker)."""
+    args = picard_job()
+    sha = output_sha256(sequential(*args))
+    killer = Killer(1)
+    cfg, bundle, prompts, labels, guidance, noise = picard_job("runtime.backend=ray", "runtime.workers=3",
+                                                               "runtime.emulate_step_s=0.3")
+    run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False, log=lambda m: None,
+                          on_workers=killer)
+    assert killer.killed == [1]
+    assert output_sha256(run.latents) == sha
+    rt = runtime_report(cfg, run)
+    assert rt["workers_lost"] == 1 and rt["resubmitted"] >= 1
+    assert_counters(rt)
 
 
 @needs_ray

@@ -1,10 +1,10 @@
 """method=picard (latency mode): Picard iteration over a sliding window with drafted guesses —
-exactness at tol 0, determinism across worker counts, result order and backends, what the drafts
-buy, and the configs it refuses."""
+exactness at tol 0, determinism across worker counts and result order, what the drafts buy, and
+the configs it refuses (the Ray backend and a killed Ray worker: tests/test_distributed.py; gangs:
+tests/test_gang_pool.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import threading
 
@@ -13,29 +13,15 @@ import torch
 
 from specdist.config import load_config
 from specdist.errors import ConfigError
-from specdist.generate import job_inputs
-from specdist.loading import load_model
 from specdist.report import output_sha256
 from specdist.runtime.coordinator import job_for
 from specdist.runtime.picard import PicardTrajectory
 from specdist.runtime.run import build_trajectories, run_distributed, worker_spec
 from specdist.runtime.worker import StepWorker, encode_all
-from specdist.sampling import initial_noise
 
-from runtime_jobs import sequential
+from runtime_jobs import PICARD, picard_job, sequential
 
 STEPS = 12
-PICARD = ["model=dit-shapes", f"steps={STEPS}", "num_samples=2", "method=picard", "picard.window=4",
-          "picard.tol=0.3", "runtime.backend=local"]
-
-
-def picard_job(*overrides: str):
-    cfg = load_config(None, [*PICARD, *overrides])
-    bundle = load_model(cfg.model)
-    prompts, labels = job_inputs(cfg, bundle)
-    guidance = cfg.guidance_scale or bundle.default_guidance
-    noise = initial_noise(bundle.latent_shape(None, None, None), [cfg.seed, cfg.seed + 1])
-    return cfg, bundle, prompts, labels, guidance, noise
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +92,6 @@ def test_drifted_guesses_need_fewer_rounds_than_copies():
     drift = _rounds(picard_job("picard.window=8", "steps=24"))
     copy = _rounds(picard_job("picard.window=8", "steps=24", "picard.init=copy"))
     assert sum(drift) < sum(copy), (drift, copy)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
-def test_ray_backend_matches_sequential(reference):
-    import ray
-
-    sha, _ = reference
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        cfg, bundle, prompts, labels, guidance, noise = picard_job("runtime.backend=ray", "runtime.workers=2")
-        run = run_distributed(cfg, bundle, noise, prompts, labels, guidance, progress=False, log=lambda m: None)
-    finally:
-        ray.shutdown()
-    assert output_sha256(run.latents) == sha
 
 
 @pytest.mark.parametrize("override, field", [
