@@ -156,6 +156,8 @@ def test_generate_runs_every_method_on_every_zoo_model(tmp_path, repo_root, one_
     if method == "exact":
         sampler = (["--set", "scheduler=DDPMScheduler"] if ZOO_SPECS[model].scheduler_class == "DDIMScheduler"
                    else ["--set", "scheduler_config.stochastic_sampling=true"])
+    if method == "picard":  # a worker pool in latency mode
+        sampler = ["--set", "runtime.backend=local", "--set", "runtime.mode=latency", "--set", "runtime.workers=2"]
     assert main(["generate", "--quiet", "--set", f"model={model}", "--set", f"method={method}",
                  "--set", f"steps={steps}", "--set", "num_samples=1", *sampler, "--out", str(out)]) == 0
     r = json.loads((out / "report.json").read_text())
@@ -166,6 +168,11 @@ def test_generate_runs_every_method_on_every_zoo_model(tmp_path, repo_root, one_
         (rounds,), (evals,) = r["exact"]["sequential_rounds"], r["exact"]["target_evaluations"]
         assert 1 <= rounds <= steps and rounds <= evals == r["nfe"] and "reference" not in r
         assert r["exact"]["target_sampler"]["sequential_rounds"] == steps
+        return
+    if method == "picard":  # rounds on the critical path; every state a full call per round it is in
+        (sample,) = r["runtime"]["per_sample"]
+        assert len(sample["decisions"]) == steps and set(sample["decisions"]) <= set("FA")
+        assert 1 <= r["runtime"]["critical_path_full_steps"] <= steps <= r["nfe"] and r["reference"]["output_sha256_full"]
         return
     assert 0 < r["nfe"] <= steps and r["flops"]["per_sample"] > 0
     if method == "full":
