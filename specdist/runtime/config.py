@@ -12,8 +12,8 @@ the job through a worker pool (:mod:`specdist.runtime.pool`) driven by the coord
 
 Modes: ``latency`` speeds up each generation with parallel verification (method ``speca``) or
 parallel-in-time Picard iteration (method ``picard``, ``picard:`` section); ``full`` runs every step
-on the pool, the one-worker baseline); ``throughput`` runs whole generations on the
-workers, each with the single-device engine's ``method``.
+on the pool (the one-worker baseline). ``throughput`` runs whole generations on the workers, each
+with the single-device engine's ``method``.
 """
 
 from __future__ import annotations
