@@ -175,16 +175,26 @@ class GenerateConfig:
             if self.method == "speca":
                 check_latency_cache(self.cache, f"{prefix}cache.")
 
+    def _own_section(self, prefix: str, method: str, default: Any) -> bool:
+        """A method with its own section (``exact:``, ``picard:``): refuse that section's changed fields
+        with any other method; with this one, refuse ``cache.*`` and ``peer.*`` knobs (naming the
+        section's own). Returns whether ``method`` is the job's."""
+        section = getattr(self, method)
+        if self.method != method:
+            _refuse_changed(section, default, f"{prefix}{method}.", f"the default with method={self.method!r} "
+                            f"(it applies to method={method})")
+            return False
+        knobs = ", ".join(f"{method}.{f.name}" for f in dataclasses.fields(section))
+        _refuse_changed(self.cache, CacheConfig(), f"{prefix}cache.", f"the default with method={method} (its knobs "
+                        f"are {knobs})")
+        _refuse_changed(self.peer, PeerConfig(), f"{prefix}peer.", f"the default with method={method}")
+        return True
+
     def _validate_picard(self, prefix: str) -> None:
         """``picard.*`` only with method=picard; with it, no ``cache.*``/``peer.*`` knob, a worker pool
         in latency mode."""
-        if self.method != "picard":
-            _refuse_changed(self.picard, PicardConfig(), f"{prefix}picard.", f"the default with "
-                            f"method={self.method!r} (it applies to method=picard)")
+        if not self._own_section(prefix, "picard", PicardConfig()):
             return
-        _refuse_changed(self.cache, CacheConfig(), f"{prefix}cache.", "the default with method=picard (its knobs "
-                        "are picard.window, picard.tol, picard.init)")
-        _refuse_changed(self.peer, PeerConfig(), f"{prefix}peer.", "the default with method=picard")
         _check(self.runtime.backend != "none", f"{prefix}runtime.backend", self.runtime.backend,
                "local, ray or torchrun with method=picard (it refines a window of states on a worker pool; "
                "runtime.workers=1 runs it one call at a time)")
@@ -193,13 +203,8 @@ class GenerateConfig:
 
     def _validate_exact(self, prefix: str) -> None:
         """``exact.*`` only with method=exact; with it, no ``cache.*``/``peer.*`` knob and no worker pool."""
-        if self.method != "exact":
-            _refuse_changed(self.exact, ExactConfig(), f"{prefix}exact.", f"the default with method={self.method!r} "
-                            f"(it applies to method=exact)")
+        if not self._own_section(prefix, "exact", ExactConfig()):
             return
-        _refuse_changed(self.cache, CacheConfig(), f"{prefix}cache.", "the default with method=exact (its knobs are "
-                        "exact.window, exact.adaptive, exact.max_window, exact.draft, exact.order, exact.eta)")
-        _refuse_changed(self.peer, PeerConfig(), f"{prefix}peer.", "the default with method=exact")
         _check(self.runtime.backend in ("none", "local"), f"{prefix}runtime.backend", self.runtime.backend,
                "none or local with method=exact (none: one batched verification call per round in this process; "
                "local: the round's states spread over runtime.workers reference workers; ray and torchrun are "
