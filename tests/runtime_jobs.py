@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 
 import torch
@@ -44,10 +45,36 @@ def job(*overrides: str):
     return cfg, bundle, prompts, labels, guidance, noise
 
 
+def _worker(cfg, bundle, prompts, labels, guidance) -> StepWorker:
+    spec = worker_spec(cfg, prompts, labels, guidance)
+    return StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+
+
+def in_shuffled_order(cfg, bundle, prompts, labels, guidance, noise, seed: int) -> tuple[torch.Tensor, list]:
+    """The rule fed every open window's results in a random order (as many workers would deliver
+    them), restarting from ``wanted()`` whenever a window closes. Returns the final latents and the
+    trajectories."""
+    worker = _worker(cfg, bundle, prompts, labels, guidance)
+    trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)
+    rng = random.Random(seed)
+    try:
+        for i, t in enumerate(trajs):
+            while not t.done:
+                window, wanted = t.window_id, t.wanted()
+                rng.shuffle(wanted)
+                for request in wanted:
+                    r = worker.run(job_for(request, 0, i, t), request.tensors, threading.Event())
+                    t.deliver(request, r.output, r.features, r.meta)
+                    if t.window_id != window:
+                        break
+        return torch.cat([t.final for t in trajs]), trajs
+    finally:
+        worker.close()
+
+
 def sequential(cfg, bundle, prompts, labels, guidance, noise) -> torch.Tensor:
     """The single-process engine: the rule, one reference output at a time."""
-    spec = worker_spec(cfg, prompts, labels, guidance)
-    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
+    worker = _worker(cfg, bundle, prompts, labels, guidance)
     trajs = build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)
     try:
         outs = []

@@ -101,21 +101,28 @@ def test_killed_gang_member_fails_the_run_clearly(tmp_path):
             assert rec["ok"], (r, rec["error"])
 
 
+def _two_gangs_vs_single_process(tmp_path, overrides: list[str]):
+    """``overrides`` on a torchrun world of a coordinator and 2 gangs of 2 (every rank must end
+    cleanly) and on one local worker: (records, rank 0's result, the local run, latents rel-L2)."""
+    records = run_world(gang_pool_ranks.run_job, 5, tmp_path, [*overrides, "runtime.workers=2", "runtime.gang_size=2"],
+                        deadline_s=120)
+    for r, rec in enumerate(records):
+        assert rec["ok"], (r, rec["error"])
+    got = records[0]["result"]
+    ref = run_distributed(*gang_pool_ranks.job([*overrides, "runtime.backend=local", "runtime.workers=1"]),
+                          progress=False, log=lambda m: None)
+    rel = float((torch.tensor(got["latents"]) - ref.latents).norm() / ref.latents.norm())
+    return records, got, ref, rel
+
+
 @pytest.mark.parametrize("method", [
     ["method=full"],
     # block-level speca with thresholds that accept and reject: the engine agrees over the gang
     ["method=speca", "cache.target_psnr_db=null", "cache.tau0=0.1", "cache.beta=1.0", "cache.warmup=2"],
 ], ids=["full", "speca"])
 def test_throughput_generations_on_gangs_match_single_process(tmp_path, method):
-    overrides = ["model=hunyuan-shapes-video", "steps=8", "num_samples=2", *method, "runtime.mode=throughput",
-                 "runtime.workers=2", "runtime.gang_size=2"]
-    records = run_world(gang_pool_ranks.run_job, 5, tmp_path, overrides, deadline_s=120)
-    for r, rec in enumerate(records):
-        assert rec["ok"], (r, rec["error"])
-    got = records[0]["result"]
-    ref = run_distributed(*gang_pool_ranks.job([*overrides[:-2], "runtime.backend=local", "runtime.workers=1"]),
-                          progress=False, log=lambda m: None)
-    rel = float((torch.tensor(got["latents"]) - ref.latents).norm() / ref.latents.norm())
+    overrides = ["model=hunyuan-shapes-video", "steps=8", "num_samples=2", *method, "runtime.mode=throughput"]
+    records, got, ref, rel = _two_gangs_vs_single_process(tmp_path, overrides)
     print(f"throughput {method[0]}, 2 gangs of 2 vs single process: rel-L2 {rel:.2e}, decisions {ref.decisions}")
     assert rel < 1e-5, rel
     assert got["decisions"] == ref.decisions
@@ -129,14 +136,8 @@ def test_picard_on_gangs_matches_single_process(tmp_path):
     """method=picard runs only full calls, so it runs on gangs: 2 gangs of 2 commit the same
     decisions as the single process and latents within context parallelism's rounding."""
     overrides = ["model=hunyuan-shapes-video", "steps=8", "num_samples=1", "method=picard", "picard.window=4",
-                 "runtime.mode=latency", "runtime.workers=2", "runtime.gang_size=2"]
-    records = run_world(gang_pool_ranks.run_job, 5, tmp_path, overrides, deadline_s=120)
-    for r, rec in enumerate(records):
-        assert rec["ok"], (r, rec["error"])
-    got = records[0]["result"]
-    ref = run_distributed(*gang_pool_ranks.job([*overrides[:-2], "runtime.backend=local", "runtime.workers=1"]),
-                          progress=False, log=lambda m: None)
-    rel = float((torch.tensor(got["latents"]) - ref.latents).norm() / ref.latents.norm())
+                 "runtime.mode=latency"]
+    _, got, ref, rel = _two_gangs_vs_single_process(tmp_path, overrides)
     assert rel < 1e-5, rel
     assert got["decisions"] == ref.decisions and "A" in ref.decisions[0], (got["decisions"], ref.decisions)
 

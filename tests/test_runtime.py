@@ -4,8 +4,6 @@ cancellation, determinism across worker counts, and bad runtime configs."""
 from __future__ import annotations
 
 import dataclasses
-import random
-import threading
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 from specdist.config import load_config
 from specdist.errors import ConfigError, SpecdistError
 from specdist.report import output_sha256
-from specdist.runtime.coordinator import Coordinator, job_for
+from specdist.runtime.coordinator import Coordinator
 from specdist.runtime.jobs import Job, dtype_name
 from specdist.runtime.pool import LocalPool
 from specdist.runtime.report import runtime_report
@@ -21,7 +19,7 @@ from specdist.runtime.run import build_trajectories, run_distributed, worker_spe
 from specdist.runtime.worker import StepWorker, encode_all
 from specdist.sampling import sample_full
 
-from runtime_jobs import STEPS, assert_counters, job, sequential
+from runtime_jobs import STEPS, assert_counters, in_shuffled_order, job, sequential
 
 @pytest.fixture(scope="module")
 def reference():
@@ -57,25 +55,9 @@ def test_tau_zero_rejects_everything_and_equals_full():
 
 def test_rule_is_independent_of_result_order(reference):
     """Results delivered in any order (as many workers would) commit the same trajectory."""
-    sha, (cfg, bundle, prompts, labels, guidance, noise) = reference
-    spec = worker_spec(cfg, prompts, labels, guidance)
-    worker = StepWorker(bundle.transformer, bundle.adapter, bundle.scheduler, encode_all(bundle, spec), spec)
-    rng = random.Random(0)
-    outs = []
-    try:
-        for i, t in enumerate(build_trajectories(cfg, bundle.adapter, bundle.scheduler, noise, torch.float32)):
-            while not t.done:
-                window, wanted = t.window_id, t.wanted()
-                rng.shuffle(wanted)
-                for request in wanted:
-                    r = worker.run(job_for(request, 0, i, t), request.tensors, threading.Event())
-                    t.deliver(request, r.output, r.features, r.meta)
-                    if t.window_id != window:
-                        break
-            outs.append(t.final)
-    finally:
-        worker.close()
-    assert output_sha256(torch.cat(outs)) == sha
+    sha, args = reference
+    latents, _ = in_shuffled_order(*args, seed=0)
+    assert output_sha256(latents) == sha
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
