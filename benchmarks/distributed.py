@@ -27,7 +27,7 @@ their worker at once). Rows, all on the same seeds and prompts, in one run:
   pool: Picard iteration over a window of states, one full call per state per round, sliding to
   the first state whose change exceeds ``tol`` (RMS of the change over RMS of that step's own
   displacement). Its defaults (window 8, tol 0.5, *drifted* guesses: the sampler stepped on with
-  the newest output) at 1–16 workers; tolerance sweeps at windows 4, 8, 12 and 16 (on 4, 8, 16
+  the newest output's x̂₀ held fixed, for this flow-matching model the output itself) at 1–16 workers; tolerance sweeps at windows 4, 8, 12 and 16 (on 4, 8, 16
   and 16 workers); and the textbook ParaDiGMS baseline, the same iteration with *copied* guesses (the last
   known state), swept alike. A round costs ``⌈window / workers⌉ · T``; its drafts are free.
 
