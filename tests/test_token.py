@@ -24,7 +24,7 @@ from specdist.errors import ConfigError
 from specdist.metrics.flops import block_flops, forward_flops, token_block_flops
 from specdist.sampling import initial_noise, sample_full
 
-TOKEN_FAMILIES = ["dit", "pixart", "hunyuan_video", "wan"]
+TOKEN_FAMILIES = ["dit", "pixart", "flux", "hunyuan_video", "wan"]
 STEPS = 7
 
 
@@ -140,7 +140,7 @@ def test_unselected_tokens_run_no_query_output_or_mlp_rows(family, specdiff, kv)
     q_rows = sum(v for key, v in rows.items() if key.endswith(("to_q", "add_q_proj")))
     kv_rows = sum(v for key, v in rows.items() if key.endswith(("to_k", "add_k_proj")))
     mlp_rows = sum(v for key, v in rows.items() if ".ff" in f".{key}" or "proj_mlp" in key or "ff_context" in key)
-    if family == "hunyuan_video":  # one dual block (video + text), then one single block ([video, text])
+    if family in ("hunyuan_video", "flux"):  # one dual block (image/video + text), then one single block (both joined)
         dual_q, single_q = (n + t if specdiff else k + kt), k + kt
         assert q_rows == b * (dual_q + single_q)
         assert kv_rows == b * (2 * (n + t) if kv == "compute" else dual_q + single_q)
@@ -183,8 +183,9 @@ def test_booked_flops_match_torch_flop_counter_over_a_generation(family, method,
     assert int(counter.get_total_flops()) == pytest.approx(booked, rel=1e-9)
 
 
-def test_token_flops_formula_at_the_ends():
-    model, adapter, shape, cond, _ = _setup("hunyuan_video", 1)
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_token_flops_formula_at_the_ends(family):
+    model, adapter, shape, cond, _ = _setup(family, 1)
     n, t = adapter.token_counts(model, shape, cond)
     assert token_block_flops(model, n, t, n, t) == block_flops(model, n, t)
     none = token_block_flops(model, n, t, 0, 0)
@@ -227,30 +228,53 @@ def test_config_errors_name_the_field(override, needle):
     assert needle in str(info.value)
 
 
-def test_specdiff_defaults_validate_and_flux_is_refused_clearly():
+def test_specdiff_defaults_validate_and_unsupported_attention_is_refused_clearly():
     cfg = load_config(None, ["method=specdiff"])
     assert cfg.cache.resolved("specdiff").granularity == "token"
     load_config(None, ["method=taylorseer", "cache.granularity=token", "cache.token_refresh=0.5"])
-    model, adapter, *_ = _setup("flux")
-    with pytest.raises(NotImplementedError, match="token-level caching"):
-        SpeculationHooks(model, adapter, granularity="token")
+    model, adapter, shape, cond, latents = _setup("flux")
+    attn = model.transformer_blocks[0].attn
+    default = attn.processor
+    hooks = SpeculationHooks(model, adapter, granularity="token")
+    try:
+        with torch.inference_mode():
+            plan = hooks.plan("record")
+            adapter.forward(model, latents, torch.tensor(500), cond.kwargs, cond.extra)
+            feats = _Features({name: plan.recorded[name] for name in hooks.feature_names()})
+            attn.set_processor(AttnProcessorStandIn())
+            hooks.plan("speculate", verify=False, forecast=feats,
+                       tokens=TokenPlan(0.25, phase=torch.zeros(latents.shape[0], dtype=torch.long)))
+            with pytest.raises(NotImplementedError, match="FLUX token level: attention processor AttnProcessorStandIn"):
+                adapter.forward(model, latents, torch.tensor(500), cond.kwargs, cond.extra)
+    finally:
+        attn.set_processor(default)
+        hooks.remove()
 
 
-def test_specdiff_in_a_stock_hunyuan_video_pipeline():
-    """The diffusers drop-in (:func:`specdist.enable`) runs specdiff; refreshing every token gives
-    the stock pipeline's output exactly, a partial refresh books its token steps."""
+class AttnProcessorStandIn:
+    """An attention processor FLUX's token level does not know (an IP-adapter's, say)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        raise AssertionError("the token level must refuse this processor before calling it")
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_specdiff_in_a_stock_pipeline(family):
+    """The diffusers drop-in (:func:`specdist.enable`) runs specdiff in a stock ``FluxPipeline``
+    and ``HunyuanVideoPipeline``; refreshing every token gives the stock pipeline's output
+    exactly, a partial refresh books its token steps."""
     import specdist
-    from test_enable_pipeline import run_hunyuan
-    from tiny_pipelines import hunyuan_video_pipe
+    from test_enable_pipeline import MODELS
 
     from specdist.engine.pipeline import last_stats
 
-    pipe = hunyuan_video_pipe(num_layers=1, num_single_layers=2)
-    stock = run_hunyuan(pipe)
+    make, run = MODELS[family]
+    pipe = make(num_layers=1, num_single_layers=2)
+    stock = run(pipe)
     for refresh, exact in ((1.0, True), (0.25, False)):
         specdist.enable(pipe, "specdiff", CacheConfig(interval=3, token_refresh=refresh))
         try:
-            out = run_hunyuan(pipe)
+            out = run(pipe)
             stats = last_stats(pipe)["cond"]
         finally:
             specdist.disable(pipe)

@@ -45,7 +45,19 @@ import torch
 
 from ..models.base import TokenBranch, gather_rows
 
-STREAMS = ("video", "text")
+JOINT_STREAMS = {"joint": ("video", "text"), "joint_text_first": ("text", "video")}
+"""One sequence of several token streams, in its order: HunyuanVideo's single-stream blocks join
+``[video, text]``, FLUX's ``[text, image]``."""
+
+
+def _present(stream: str, lengths: dict[str, int]) -> list[tuple[str, int]]:
+    """``(part, offset)`` of each stream present in joint stream ``stream``, in sequence order."""
+    out, offset = [], 0
+    for part in JOINT_STREAMS[stream]:
+        if part in lengths:
+            out.append((part, offset))
+            offset += lengths[part]
+    return out
 
 
 def share_count(share: float, n: int) -> int:
@@ -137,12 +149,10 @@ class TokenPlan:
     kv_forecast: bool = False  # keys/values of unselected tokens forecast (cache.token_kv) rather than projected
 
     def stream_index(self, stream: str) -> torch.Tensor:
-        """``[rows, k]`` selected positions of ``stream`` (``joint``: video, then text + N)."""
-        if stream == "joint":
-            parts = [self.stream_index(s) for s in STREAMS if s in self.lengths]
-            if len(parts) == 2:
-                parts[1] = parts[1] + self.lengths["video"]
-            return torch.cat(parts, dim=1)
+        """``[rows, k]`` selected positions of ``stream`` (a joint stream: each part's positions
+        offset by the lengths of the parts before it, e.g. ``joint``: video, then text + N)."""
+        if stream in JOINT_STREAMS:
+            return torch.cat([self.stream_index(s) + offset for s, offset in _present(stream, self.lengths)], dim=1)
         if stream not in self.index:
             if self.phase is None:
                 raise RuntimeError(f"token plan: stream {stream!r} used before the selection ran")
@@ -152,8 +162,8 @@ class TokenPlan:
 
     def reuse_mask(self, stream: str) -> torch.Tensor | None:
         """``[rows, n]`` reused tokens of ``stream`` (``None`` where none)."""
-        if stream == "joint":
-            present = [s for s in STREAMS if s in self.lengths]
+        if stream in JOINT_STREAMS:
+            present = [s for s, _ in _present(stream, self.lengths)]
             masks = [self.reuse.get(s) for s in present]
             if all(m is None for m in masks):
                 return None
@@ -180,14 +190,13 @@ class TokenPlan:
 
 
 def split_streams(values: tuple[torch.Tensor, ...], branch: TokenBranch, lengths: dict[str, int]) -> dict[str, list]:
-    """A cached branch's outputs by stream (``joint`` outputs cut at the video length)."""
+    """A cached branch's outputs by stream (joint outputs cut into their parts by the lengths)."""
     out: dict[str, list] = {}
     for value, stream in zip(values, branch.streams):
-        if stream == "joint":
-            n = lengths["video"]
-            out.setdefault("video", []).append(value[:, :n])
-            if "text" in lengths and value.shape[1] > n:
-                out.setdefault("text", []).append(value[:, n:])
+        if stream in JOINT_STREAMS:
+            for part, offset in _present(stream, lengths):
+                if value.shape[1] > offset:
+                    out.setdefault(part, []).append(value[:, offset:offset + lengths[part]])
         else:
             out.setdefault(stream, []).append(value)
     return out
@@ -228,7 +237,7 @@ def run_branch(branch: TokenBranch, adapter: Any, module: Any, run: Any, args: t
             return pack(forecast)
         return pack((scatter_rows(forecast[0], idx, run(*args, **kwargs)),))
     if branch.kind == "attention":
-        index = {s: plan.stream_index(s) for s in plan.lengths}
+        index = {s: plan.stream_index(s) for s in (*plan.lengths, *branch.streams)}  # joint streams too
         if forecast is not None and all(i.shape[1] == 0 for i in index.values()):
             return pack(forecast)
         subs = adapter.token_attention(module, run, args, kwargs, index)

@@ -298,6 +298,7 @@ _TOKEN_FAMILIES: Mapping[str, Callable[..., list[int]]] = MappingProxyType({
     "PixArtTransformer2DModel": _pixart_tokens,
     "WanTransformer3DModel": _wan_tokens,
     "HunyuanVideoTransformer3DModel": lambda m, *counts: _dual_stream_tokens(m, *counts, m.config.mlp_ratio),
+    "FluxTransformer2DModel": lambda m, *counts: _dual_stream_tokens(m, *counts, 4.0),
 })
 
 

@@ -95,8 +95,9 @@ class TokenBranch:
       and values from every token; the adapter's :meth:`ModelAdapter.token_attention` runs it.
 
     ``streams``: the token streams of the module's input (``rows``) or outputs (``attention``,
-    ``gathered``), each ``video`` (image or video tokens), ``text`` or ``joint`` (video then text,
-    one sequence)."""
+    ``gathered``), each ``video`` (image or video tokens), ``text``, or one sequence of both:
+    ``joint`` (video then text, HunyuanVideo's single-stream blocks) or ``joint_text_first`` (text
+    then image, FLUX's single-stream blocks)."""
 
     kind: str
     streams: tuple[str, ...] = ("video",)

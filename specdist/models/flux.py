@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Conditioning, DualStreamAdapter, StreamSpec, timestep_batch
+from .base import Conditioning, DualStreamAdapter, StreamSpec, TokenBranch, TokenSpec, timestep_batch
 
 # Both block kinds take (hidden_states, encoder_hidden_states, ...) and return (encoder_hidden_states, hidden_states).
 _STREAMS = StreamSpec(inputs=(("hidden_states", 0), ("encoder_hidden_states", 1)), outputs=(1, 0))
@@ -68,6 +68,33 @@ class FluxAdapter(DualStreamAdapter):
 
     def stream_spec(self, model: nn.Module, index: int) -> StreamSpec:
         return _STREAMS
+
+    def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
+        # Image and text tokens may both be refreshed, each stream with its own count. Dual-stream
+        # blocks: joint attention over [text, image], then row-wise ff (image) and ff_context (text).
+        # Single-stream blocks join [text, image] themselves: proj_mlp runs on the selected rows of
+        # that sequence, the attention's selected rows and the MLP's meet in proj_out, which runs on
+        # the selected rows only and is scattered into its forecast.
+        both, joint = ("video", "text"), ("joint_text_first",)
+        if index < len(model.transformer_blocks):
+            return TokenSpec(both, {"attn": TokenBranch("attention", both), "ff": TokenBranch("rows", ("video",)),
+                                    "ff_context": TokenBranch("rows", ("text",))},
+                             kv={"attn.to_k": "video", "attn.to_v": "video", "attn.add_k_proj": "text",
+                                 "attn.add_v_proj": "text"})
+        return TokenSpec(both, {"attn": TokenBranch("attention", joint), "proj_mlp": TokenBranch("rows", joint),
+                                "act_mlp": TokenBranch("pass", joint), "proj_out": TokenBranch("gathered", joint)},
+                         kv={"attn.to_k": "joint_text_first", "attn.to_v": "joint_text_first"})
+
+    def token_attention(self, module, run, args, kwargs, index) -> tuple[torch.Tensor, ...]:
+        from .flux_tokens import dual_attention_subset, single_attention_subset
+
+        if args:
+            raise ValueError("FLUX token level: attention called with positional arguments")
+        mask, rope = kwargs.get("attention_mask"), kwargs.get("image_rotary_emb")
+        if kwargs.get("encoder_hidden_states") is None:  # single-stream: [text, image] joined by the block
+            return (single_attention_subset(module, kwargs["hidden_states"], mask, rope, index["joint_text_first"]),)
+        return dual_attention_subset(module, kwargs["hidden_states"], kwargs["encoder_hidden_states"], mask, rope,
+                                     index["video"], index["text"])
 
     def latent_shape(self, model: nn.Module, height: int, width: int, frames: int) -> tuple[int, ...]:
         return (model.config.in_channels // 4, height, width)
