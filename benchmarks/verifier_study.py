@@ -1,182 +1,216 @@
-"""Which check predicts the damage a forecast does, per unit of cost? (issue: a verifier worth its cost)
+"""Which check predicts the *final* damage a forecast does, per unit of cost? (issue 10: a verifier worth its cost)
 
-On the two tuning models (``dit-shapes``, ``hunyuan-shapes-video``; the held-out model is not used),
-the calibration's shadow schedule is run — full steps at the warm-up and every 3rd/5th step, every
-speculative step computing the forecast, every candidate check, and the true output at the same
-state (not cached) — and each candidate signal is compared with what the forecast really did to
-the model output (relative L2 of forecast vs true output):
+A check is worth its cost when its reading ranks forecasts by the damage they do to the finished
+sample — not only by how far the forecast is off at its own step. This measures it directly.
+Per zoo model, ``--samples`` seeds from the same conditioning, block-level order-2 forecasts (the
+engine's defaults): for each window of two consecutive forecasts (steps ``j, j+1``, ``j`` every
+3rd step from the warm-up on), everything else computed fully, every forecast accepted. Each
+window run gives, per sample:
 
-* the probe block's forecast error with each metric (``rel_l1``, ``rel_l2``, ``cosine``), for the
-  first, a middle and the last block as the probe (separate runs, same schedule);
-* the error accumulated over the run since the last full step (sum of the probe's rel-L2);
-* the calibrated expectation alone (no check at all: ``base[i] · k^growth``, the quality target's
-  prediction used to pre-empt or waive checks).
+* **the final damage**: RMS error of the decoded output against ``full`` from the same seed (pixels
+  in [-1, 1]; PSNR = 20 log10(2 / RMS));
+* **the checks' readings** at the two forecast steps, each run separately so every check sees the
+  same window: the probe block's forecast error (rel-L2, the default) with the last block (the
+  default), the first and a middle block as the probe, and with the metrics rel-L1 and cosine;
+  the error *accumulated* over the window (the sum of both readings);
+* **the calibrated predictions** of the quality target (``specdist.engine.target``): the reading
+  mapped to final damage (``coef · propagation · gain · error`` per step, summed), and the
+  expectation *without* any check (``coef · propagation · base · k^growth``: where in the trajectory
+  a forecast hurts, as calibrated on other seeds);
+* **an oracle**: the latent error the window really injected (state after the window vs the full
+  trajectory's) — what a perfect check of the immediate damage would read, at the cost of a full call.
 
-Figures: Spearman rank correlation with the output error (pooled over steps and samples), and the
-spread of ``log(output error / (gain[i] · signal))`` after the per-step gain is fitted (what the
-quality target books against), next to the probe's cost (its FLOPs over a full forward).
+Figures (Spearman rank correlation with the final damage):
 
-    python benchmarks/verifier_study.py         # writes benchmarks/results/verifier_study.{md,json}
+* *pooled* — over every (window, sample);
+* *across steps* — per sample, over its windows, averaged (does the check find *where* forecasts hurt?);
+* *across samples* — per window, over its samples, averaged, and how often the check's largest
+  reading is the sample that ends most damaged (chance: 1 / samples) — what per-sample decisions need.
+
+The default run uses the two tuning models; ``wan-shapes`` is reported separately, as held out.
+
+    python benchmarks/verifier_study.py                     # writes benchmarks/results/verifier_study.{md,json}
+    python benchmarks/verifier_study.py --models dit-shapes --samples 8
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-from pathlib import Path
 
 import torch
+from schedule_sensitivity import model_inputs, write_results
+from tqdm import tqdm
 
-from specdist.engine.calibration import SHADOW_INTERVALS, _ShadowRule, fit
+from specdist.calibrate import calibration_for
 from specdist.engine.config import CacheConfig
-from specdist.engine.decision import forecaster_time
-from specdist.engine.hooks import SpeculationHooks
-from specdist.engine.speculative import SpeculativeStepper
-from specdist.engine.verify import combine_rows, forecast_error
-from specdist.generate import job_inputs
-from specdist.config import GenerateConfig
+from specdist.engine.speculative import sample_cached
+from specdist.engine.target import budget_for
 from specdist.loading import load_model
-from specdist.metrics.flops import flops_breakdown
-from specdist.sampling import fresh_scheduler, init_latents, initial_noise, model_dtype, scale_input
+from specdist.metrics.flops import block_flops, forward_flops
+from specdist.sampling import initial_noise, sample_full
 
-MODELS = ("dit-shapes", "hunyuan-shapes-video")
-METRICS = ("rel_l1", "rel_l2", "cosine")
+MODELS = ("dit-shapes", "hunyuan-shapes-video", "wan-shapes")
+HELD_OUT = ("wan-shapes",)
+STEPS = 50
+WINDOW = 2
+WARMUP = 3
+TARGET_DB = 35.0
+"""The calibrated predictions are read at this quality target's damage level."""
+PROBES = (("last block, rel-L2 (default)", "last", "rel_l2"), ("first block, rel-L2", "first", "rel_l2"),
+          ("middle block, rel-L2", "middle", "rel_l2"), ("last block, rel-L1", "last", "rel_l1"),
+          ("last block, cosine", "last", "cosine"))
+"""(label, probe block, metric) of each check, each measured in its own window runs."""
 
 
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    for r, i in enumerate(order):
-        ranks[i] = float(r)
+def _ranks(x: list[float]) -> list[float]:
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    ranks = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0
+        i = j + 1
     return ranks
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation of two equally long lists."""
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return num / den if den else float("nan")
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (ties: average ranks); NaN when either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx, sy = math.sqrt(sum((a - mx) ** 2 for a in rx)), math.sqrt(sum((b - my) ** 2 for b in ry))
+    return sxy / (sx * sy) if sx > 0 and sy > 0 else float("nan")
 
 
-def shadow_signals(bundle, granularity: str, probe: int, samples: int, steps: int) -> list[dict]:
-    """One shadow run; per speculative step and sample: step, run length, every signal, output error."""
-    cfg = CacheConfig(granularity=granularity, order=2, probe_block=probe)
-    prompts, labels = job_inputs(GenerateConfig(model=bundle.name, num_samples=samples), bundle)
-    cond = bundle.encode(prompts or [""] * samples, labels, bundle.default_guidance, 0).to("cpu", torch.float32)
+def _rms(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    return (a.double() - b.double()).flatten(1).pow(2).mean(dim=1).sqrt().tolist()
+
+
+def _window_run(bundle, run: tuple, cfg: CacheConfig, j: int) -> tuple[list[list[float]], torch.Tensor, torch.Tensor]:
+    """(readings [samples][WINDOW], latents after the window, final latents) of one window run."""
+    after = {}
+    res = sample_cached(*run, "speca", cfg, progress=False, threshold_fn=lambda i: math.inf,
+                        on_latents=lambda i, x: after.setdefault("x", x.float().cpu()) if i == j + WINDOW - 1 else None)
+    readings = [[float(e[i]) for i in range(j, j + WINDOW)] for e in res.stats.errors]
+    return readings, after["x"], res.latents
+
+
+def measure(model: str, n: int, windows: list[int]) -> dict:
+    """Every window run of one model (see the module doc)."""
+    bundle = load_model(model)
+    cond = model_inputs(bundle, n)
     shape = bundle.latent_shape(None, None, None)
-    noise = initial_noise(shape, list(range(samples)))
-    model, adapter = bundle.transformer, bundle.adapter
-    dtype = model_dtype(model)
-    sched = fresh_scheduler(bundle.scheduler)
-    adapter.set_timesteps(sched, steps, tuple(shape), torch.device("cpu"))
-    train_t = float(getattr(sched.config, "num_train_timesteps", 1000))
-    x = init_latents(sched, noise, torch.device("cpu"))
-    guided = cond.uncond_kwargs is not None and cond.guidance_scale > 1.0
-    hooks = SpeculationHooks(model, adapter, probe, granularity)
-    stepper = SpeculativeStepper(hooks, "speca", cfg, samples, 2 if guided else 1,
-                                 rule=_ShadowRule(cfg, steps, samples))
-    rows, accumulated = [], torch.zeros(samples)
-    try:
-        with torch.inference_mode():
-            for i, t in enumerate(list(sched.timesteps)):
-                x_in = scale_input(sched, x, t).to(dtype)
-                call = lambda idx: adapter.predict(model, x_in[idx], t, cond.select(idx)).float()  # noqa: E731
-                ftime = forecaster_time(cfg, i, t, train_t)
-                full = stepper.rule.must_compute(i, stepper.run_len, stepper._ready())
-                out = torch.empty_like(x)
-                spec = (~full).nonzero().flatten()
-                if len(spec):
-                    forecast = stepper._forecast(spec, ftime)
-                    plan = hooks.plan("speculate", verify=True, forecast=forecast, start=stepper.start)
-                    guess = call(spec) if stepper.uses_probe else None
-                    if stepper.lite:
-                        guess = forecast["output"][0]
-                    names = hooks.verified_features()
-                    true_f = torch.cat([s.flatten(1) for n in names for s in plan.recorded[n]], dim=1)
-                    pred_f = torch.cat([s.flatten(1) for n in names for s in forecast[n]], dim=1)
-                    signals = {m: combine_rows(forecast_error(pred_f, true_f, m), len(spec)) for m in METRICS}
-                    hooks.plan("off")
-                    true_out = call(spec)
-                    oerr = forecast_error(guess, true_out, "rel_l2")
-                    accumulated[spec] += signals["rel_l2"]
-                    for j, s in enumerate(spec.tolist()):
-                        rows.append({"step": i, "k": int(stepper.run_len[s]) + 1, "output": float(oerr[j]),
-                                     "accumulated": float(accumulated[s]),
-                                     **{m: float(v[j]) for m, v in signals.items()}})
-                    out[spec] = guess
-                    stepper.run_len[spec] += 1
-                redo = full.nonzero().flatten()
-                if len(redo):
-                    out[redo] = stepper.compute_full(redo, ftime, call)
-                    stepper.run_len[redo] = 0
-                    accumulated[redo] = 0.0
-                x = sched.step(out, t, x, return_dict=False)[0]
-    finally:
-        hooks.remove()
-    return rows
+    run = (bundle.transformer, bundle.adapter, bundle.scheduler, cond, initial_noise(shape, list(range(n))), STEPS)
+    states = {}
+    full = sample_full(*run, progress=False, on_step=lambda i, t, x: states.__setitem__(i, x.float().cpu()))
+    ref = bundle.decode(full.latents)
+    cal, _ = calibration_for(bundle, CacheConfig(target_psnr_db=TARGET_DB), STEPS, shape, cond.guidance_scale,
+                             log=print, progress=False)
+    weight = [c * p for c, p in zip(cal.coef, cal.propagation_at(budget_for(TARGET_DB)))]
+    blocks = len(bundle.adapter.blocks(bundle.transformer))
+    probe_index = {"last": blocks - 1, "first": 0, "middle": blocks // 2}
+    tokens = bundle.adapter.token_counts(bundle.transformer, shape, cond)
+    per_block = block_flops(bundle.transformer, *tokens)
+    total = forward_flops(bundle.transformer, *tokens)
+    rows = []  # one per (window, sample)
+    readings: dict[str, list[list[float]]] = {label: [] for label, *_ in PROBES}
+    bar = tqdm(total=len(windows) * len(PROBES), desc=f"{model} verifier study", leave=False)
+    for j in windows:
+        outside = [i for i in range(STEPS) if not j <= i < j + WINDOW]
+        for label, probe, metric in PROBES:
+            cfg = CacheConfig(granularity="block", tau0=1.0, warmup=WARMUP, full_steps=outside, max_run=WINDOW,
+                              probe_block=probe_index[probe], metric=metric)
+            read, after, final = _window_run(bundle, run, cfg, j)
+            readings[label].extend(read)
+            if label == PROBES[0][0]:  # the default check's run also gives the damage and the oracle
+                damage = _rms(bundle.decode(final), ref)
+                injected = _rms(after, states[j + WINDOW - 1])
+                for s in range(n):
+                    expect = sum(weight[i] * cal.base[i] * (k + 1) ** cal.growth for k, i in enumerate(range(j, j + WINDOW)))
+                    booked = sum(weight[i] * cal.gain[i] * e for i, e in zip(range(j, j + WINDOW), read[s]))
+                    rows.append({"window": j, "sample": s, "damage": damage[s], "psnr_db": 20 * math.log10(2 / damage[s]),
+                                 "injected": injected[s], "calibrated_expectation": expect,
+                                 "calibrated_from_reading": booked})
+            bar.update()
+    bar.close()
+    signals: dict[str, tuple[list[float], float]] = {}
+    probe_cost = per_block[-1] / total
+    for label, probe, _ in PROBES:
+        cost = per_block[probe_index[probe]] / total
+        signals[f"{label}, first step"] = ([r[0] for r in readings[label]], cost)
+        if label == PROBES[0][0]:
+            signals["last block, rel-L2, accumulated over the window"] = ([sum(r) for r in readings[label]], cost)
+    signals["calibrated: reading → final damage (default check)"] = ([r["calibrated_from_reading"] for r in rows],
+                                                                     probe_cost)
+    signals["calibrated expectation, no check"] = ([r["calibrated_expectation"] for r in rows], 0.0)
+    signals["oracle: latent error injected by the window"] = ([r["injected"] for r in rows], 1.0)
+    damage = [r["damage"] for r in rows]
+    figures = [{"signal": name, "cost": cost, **_figures(values, damage, rows, n)} for name, (values, cost) in signals.items()]
+    return {"model": model, "class": bundle.adapter.model_class, "samples": n, "windows": windows,
+            "held_out": model in HELD_OUT, "figures": figures, "rows": rows,
+            "worst": sorted(rows, key=lambda r: -r["damage"])[:5],
+            "readings": {k: v for k, v in readings.items()}}
 
 
-def score(rows: list[dict], signal: str, steps: int) -> dict:
-    """Rank correlation with the output error, and the log-spread after a per-step gain fit."""
-    obs = [(r["step"], r["k"], r[signal], r["output"]) for r in rows if r[signal] > 0 and r["output"] > 0]
-    if signal == "expected":
-        gain, base, growth, spread, _ = fit(steps, [(i, k, 1.0, o) for i, k, _, o in obs])
-        return {"spearman": spearman([base[i] * k ** growth for i, k, _, _ in obs], [o for *_, o in obs]),
-                "log_spread": spread}
-    _, _, _, _, gain_spread = fit(steps, obs)
-    return {"spearman": spearman([v for _, _, v, _ in obs], [o for *_, o in obs]), "log_spread": gain_spread}
+def _figures(values: list[float], damage: list[float], rows: list[dict], n: int) -> dict:
+    """Pooled, across-steps and across-samples rank correlations of one signal with the damage."""
+    by_sample = [spearman([values[k] for k, r in enumerate(rows) if r["sample"] == s],
+                          [damage[k] for k, r in enumerate(rows) if r["sample"] == s]) for s in range(n)]
+    by_window, hits = [], []
+    for j in sorted({r["window"] for r in rows}):
+        idx = [k for k, r in enumerate(rows) if r["window"] == j]
+        by_window.append(spearman([values[k] for k in idx], [damage[k] for k in idx]))
+        top = [k for k in idx if values[k] == max(values[m] for m in idx)]  # ties: a random pick among them
+        hits.append(len(top) and (max(idx, key=lambda k: damage[k]) in top) / len(top))
+    mean = lambda xs: statistics.fmean([x for x in xs if not math.isnan(x)]) if any(not math.isnan(x) for x in xs) else float("nan")
+    return {"pooled": spearman(values, damage), "across_steps": mean(by_sample), "across_samples": mean(by_window),
+            "worst_sample_found": sum(hits) / len(hits)}
+
+
+def _markdown(results: list[dict], argv: str) -> str:
+    lines = ["# Which check predicts the final damage? (verifier study)", "",
+             f"`python benchmarks/verifier_study.py{argv}` — {STEPS} steps, block-level order-2 forecasts; per window "
+             f"of {WINDOW} forecasts (steps j, j+1; j every 3rd step from {WARMUP}), everything else computed fully. "
+             "Spearman rank correlation of each signal with the final damage (RMS of the decoded output against "
+             "`full` from the same seed): pooled over (window, sample); across steps (per sample, over its windows, "
+             "averaged); across samples (per window, over its samples, averaged), and how often the signal's largest "
+             "reading in a window is the sample that ends most damaged. Cost: the check's FLOPs over a full forward "
+             f"(calibrated predictions at the {TARGET_DB:g} dB target's damage level, calibration seeds 1000…, "
+             "benchmark seeds 0…).", ""]
+    for r in results:
+        tag = " — **held out** (no choice was made on it)" if r["held_out"] else ""
+        lines += [f"## {r['model']} ({r['class']}, {r['samples']} samples, {len(r['windows'])} windows){tag}", "",
+                  "| signal | cost | pooled | across steps | across samples | worst sample found |",
+                  "|---|---|---|---|---|---|"]
+        for f in r["figures"]:
+            corr = lambda x: "—" if math.isnan(x) else f"{x:+.2f}"  # —: the signal is constant there
+            lines.append(f"| {f['signal']} | {f['cost']:.3f} | {corr(f['pooled'])} | {corr(f['across_steps'])} | "
+                         f"{corr(f['across_samples'])} | {100 * f['worst_sample_found']:.0f}% |")
+        worst = ", ".join(f"window {w['window']}–{w['window'] + WINDOW - 1} sample {w['sample']}: {w['psnr_db']:.1f} dB"
+                          for w in r["worst"])
+        lines += ["", f"Most damaging (window, sample): {worst}.", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = {"steps": args.steps, "samples": args.samples, "shadow_intervals": list(SHADOW_INTERVALS), "models": []}
-    for name in MODELS:
-        bundle = load_model(name, device="cpu")
-        n_blocks = len(bundle.adapter.blocks(bundle.transformer))
-        shape = bundle.latent_shape(None, None, None)
-        prompts, labels = job_inputs(GenerateConfig(model=name, num_samples=1), bundle)
-        cond = bundle.encode(prompts or [""], labels, bundle.default_guidance, 0)
-        flops = flops_breakdown(bundle.transformer, *bundle.adapter.token_counts(bundle.transformer, shape, cond))
-        for granularity in ("block", "output"):
-            for probe in (0, n_blocks // 2, n_blocks - 1):
-                rows = shadow_signals(bundle, granularity, probe, args.samples, args.steps)
-                cost = flops["per_block"][probe] / flops["total"]
-                scores = {s: score(rows, s, args.steps) for s in (*METRICS, "accumulated", "expected")}
-                results["models"].append({"model": name, "granularity": granularity, "probe_block": probe,
-                                          "probe_flops_fraction": cost, "observations": len(rows), "scores": scores})
-                print(name, granularity, probe, {k: (round(v["spearman"], 3), round(v["log_spread"], 3))
-                                                 for k, v in scores.items()}, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "verifier_study.json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = ["# Which check predicts a forecast's damage?", "",
-             f"`python benchmarks/verifier_study.py` — {args.steps} steps, {args.samples} samples per model, the "
-             f"calibration's shadow schedule (full every {SHADOW_INTERVALS[0]}/{SHADOW_INTERVALS[1]} steps, order-2 "
-             "forecasts), true output computed beside every forecast. ρ = Spearman rank correlation of the signal "
-             "with the forecast's relative output error; σ = spread of log(output error / (per-step gain × signal)) "
-             "— what one check's reading may be off by after calibration (lower is better). `expected` is no check "
-             "at all: the calibrated expectation base[i]·k^growth. Probe cost = the probe block's FLOPs over a full "
-             "forward. Tuning models only (the held-out model is not used).", "",
-             "| model | granularity | probe block | probe cost | " + " | ".join(
-                 f"{s} ρ / σ" for s in (*METRICS, "accumulated", "expected")) + " |",
-             "|---|---|---|---|" + "---|" * (len(METRICS) + 2)]
-    for r in results["models"]:
-        cells = " | ".join(f"{r['scores'][s]['spearman']:.2f} / {r['scores'][s]['log_spread']:.2f}"
-                           for s in (*METRICS, "accumulated", "expected"))
-        lines.append(f"| {r['model']} | {r['granularity']} | {r['probe_block']} | "
-                     f"{100 * r['probe_flops_fraction']:.1f}% | {cells} |")
-    (out / "verifier_study.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'verifier_study.md'}")
+    windows = list(range(WARMUP, STEPS - WINDOW + 1, 3))
+    results = [measure(m, args.samples, windows) for m in args.models]
+    argv = "" if args.models == list(MODELS) and args.samples == 4 else \
+        f" --models {' '.join(args.models)} --samples {args.samples}"
+    write_results(args.out, "verifier_study", {"steps": STEPS, "window": WINDOW, "results": results},
+                  _markdown(results, argv))
 
 
 if __name__ == "__main__":
+    torch.set_grad_enabled(False)
     main()

@@ -132,6 +132,18 @@ def test_tau_zero_rejects_everything_and_reproduces_full_exactly(tiny):
         assert row["decisions"] == "FFFRRRRR" and row["accepted"] == 0 and row["full_steps"] == 8
 
 
+def test_on_latents_sees_the_full_trajectory_step_by_step(tiny):
+    model, adapter, sched, cond, noise, ref = tiny
+    full_states, cached_states = [], []
+    sample_full(model, adapter, sched, cond, noise, 8, progress=False,
+                on_step=lambda i, t, x: full_states.append((i, x.float().cpu())))
+    res = sample_cached(model, adapter, sched, cond, noise, 8, "speca", CacheConfig(tau0=0.0, beta=1.0),
+                        progress=False, on_latents=lambda i, x: cached_states.append((i, x.float().cpu())))
+    assert [i for i, _ in cached_states] == list(range(8))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(full_states, cached_states))  # rollbacks: the full path
+    assert torch.equal(cached_states[-1][1], res.latents)
+
+
 def _norm(block):
     """The first module of a block that takes its hidden state (its input, as the block computes it)."""
     return block.norm1 if hasattr(block, "norm1") else block.norm

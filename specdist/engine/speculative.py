@@ -450,13 +450,15 @@ def sample_cached(
     calibration: Calibration | None = None,
     on_step: Callable[[int], None] | None = None,
     agreement: Agreement = ONE_DEVICE,
+    on_latents: Callable[[int, torch.Tensor], None] | None = None,
 ) -> CachedResult:
     """Sample with a caching method (``fora``, ``taylorseer``, ``speca`` or ``specdiff``); see the module doc.
 
     ``calibration``: the model's calibration, needed by ``speca`` with a quality target (see
     :func:`specdist.engine.calibration.ensure_calibration`). ``threshold_fn(step) -> τ`` replaces
     the decisions by that threshold schedule (ablations, tests); ``cache_cls`` is the forecaster
-    class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step;
+    class (a :class:`TaylorCache` or subclass); ``on_step(step)`` is called after each step and
+    ``on_latents(step, latents)`` with the latents after it (studies of the trajectory);
     ``agreement``: the gang's when the model runs context-parallel (see :class:`SpeculativeStepper`).
     """
     cfg = cfg.resolved(method)
@@ -486,6 +488,8 @@ def sample_cached(
                 latents = sched.step(out, t, latents, return_dict=False)[0]
                 if on_step is not None:
                     on_step(i)
+                if on_latents is not None:
+                    on_latents(i, latents)
     finally:
         hooks.remove()
     per = stepper.stats.per_sample()
