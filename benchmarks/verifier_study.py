@@ -157,6 +157,12 @@ def measure(model: str, n: int, windows: list[int]) -> dict:
             "readings": {k: v for k, v in readings.items()}}
 
 
+def _mean(xs: list[float]) -> float:
+    """Mean of the defined values (NaN: a constant signal there); NaN when none is."""
+    defined = [x for x in xs if not math.isnan(x)]
+    return statistics.fmean(defined) if defined else float("nan")
+
+
 def _figures(values: list[float], damage: list[float], rows: list[dict], n: int) -> dict:
     """Pooled, across-steps and across-samples rank correlations of one signal with the damage."""
     by_sample = [spearman([values[k] for k, r in enumerate(rows) if r["sample"] == s],
@@ -167,8 +173,7 @@ def _figures(values: list[float], damage: list[float], rows: list[dict], n: int)
         by_window.append(spearman([values[k] for k in idx], [damage[k] for k in idx]))
         top = [k for k in idx if values[k] == max(values[m] for m in idx)]  # ties: a random pick among them
         hits.append(len(top) and (max(idx, key=lambda k: damage[k]) in top) / len(top))
-    mean = lambda xs: statistics.fmean([x for x in xs if not math.isnan(x)]) if any(not math.isnan(x) for x in xs) else float("nan")
-    return {"pooled": spearman(values, damage), "across_steps": mean(by_sample), "across_samples": mean(by_window),
+    return {"pooled": spearman(values, damage), "across_steps": _mean(by_sample), "across_samples": _mean(by_window),
             "worst_sample_found": sum(hits) / len(hits)}
 
 
