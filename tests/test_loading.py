@@ -200,3 +200,28 @@ def test_bare_text_transformer_reports_random_conditioning(tmp_path):
     assert report["model_source"] == "transformer" and report["conditioning"] == "random"
     assert "random conditioning" in report["conditioning_note"] and "prompts are not used" in report["conditioning_note"]
     assert report["media"] == [] and (out / "latents.safetensors").is_file()  # latents only
+
+
+@pytest.mark.parametrize("refresh,exact", [(1.0, True), (0.25, False)])
+def test_bare_flux_transformer_runs_specdiff_from_the_cli(tmp_path, refresh, exact):
+    """``specdist generate`` on a local FLUX transformer directory runs token-level specdiff:
+    refreshing every token reproduces the full-compute reference bit for bit, a partial refresh does not."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from specdist.cli import main
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                   pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4])
+    model.save_pretrained(tmp_path / "flux")
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).save_pretrained(tmp_path / "flux" / "scheduler")
+    out = tmp_path / "out"
+    assert main(["generate", "--quiet", "--set", f"model={tmp_path / 'flux'}", "--set", "method=specdiff",
+                 "--set", "steps=7", "--set", "num_samples=2", "--set", "height=8", "--set", "width=8",
+                 "--set", "cache.interval=3", "--set", f"cache.token_refresh={refresh}", "--set", "reference=true",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "specdiff" and report["family"] == "flux"
+    assert "A" in report["decisions"][0]  # token steps ran
+    assert (report["output_sha256"] == report["reference"]["output_sha256_full"]) == exact
