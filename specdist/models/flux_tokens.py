@@ -30,7 +30,7 @@ def _check(attn: nn.Module, mask: torch.Tensor | None) -> None:
     if not isinstance(attn.processor, FluxAttnProcessor) or getattr(attn, "fused_projections", False):
         raise NotImplementedError(f"FLUX token level: attention processor {type(attn.processor).__name__} "
                                   "(IP-adapter or fused projections) is not supported; use 'block'")
-    if mask is not None and mask.shape[-2] != 1:
+    if mask is not None and (mask.ndim != 4 or mask.shape[-2] != 1):
         raise NotImplementedError("FLUX token level: only key masks ([B, 1, 1, S]) can be used with a query subset")
 
 
