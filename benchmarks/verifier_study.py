@@ -20,6 +20,9 @@ window run gives, per sample:
 * **an oracle**: the latent error the window really injected (state after the window vs the full
   trajectory's) — what a perfect check of the immediate damage would read, at the cost of a full call.
 
+And whether damage adds up: one more run forecasts every window at once (the windows tile a
+fixed-interval-3 schedule), against the sum and the root sum of squares of the windows' damages alone.
+
 Figures (Spearman rank correlation with the final damage):
 
 * *pooled* — over every (window, sample);
@@ -138,6 +141,7 @@ def measure(model: str, n: int, windows: list[int]) -> dict:
                                  "calibrated_from_reading": booked})
             bar.update()
     bar.close()
+    composition = _composition(bundle, run, ref, windows, rows, n)
     signals: dict[str, tuple[list[float], float]] = {}
     probe_cost = per_block[-1] / total
     for label, probe, _ in PROBES:
@@ -152,9 +156,30 @@ def measure(model: str, n: int, windows: list[int]) -> dict:
     damage = [r["damage"] for r in rows]
     figures = [{"signal": name, "cost": cost, **_figures(values, damage, rows, n)} for name, (values, cost) in signals.items()]
     return {"model": model, "class": bundle.adapter.model_class, "samples": n, "windows": windows,
-            "held_out": model in HELD_OUT, "figures": figures, "rows": rows,
+            "held_out": model in HELD_OUT, "figures": figures, "rows": rows, "composition": composition,
             "worst": sorted(rows, key=lambda r: -r["damage"])[:5],
             "readings": {k: v for k, v in readings.items()}}
+
+
+def _psnr(rms: float) -> float:
+    return 20 * math.log10(2 / rms)
+
+
+def _composition(bundle, run: tuple, ref: torch.Tensor, windows: list[int], rows: list[dict], n: int) -> dict:
+    """Do the windows' damages add up? Every window forecast in one run (the windows tile a
+    fixed-interval-3 schedule) against the sum (linear) and the root of the sum of squares
+    (independent errors) of the damages the same windows did alone, per sample."""
+    forecast = {i for j in windows for i in range(j, j + WINDOW)}
+    cfg = CacheConfig(granularity="block", tau0=1.0, warmup=WARMUP, max_run=WINDOW,
+                      full_steps=[i for i in range(STEPS) if i not in forecast])
+    res = sample_cached(*run, "speca", cfg, progress=False, threshold_fn=lambda i: math.inf)
+    together = _rms(bundle.decode(res.latents), ref)
+    alone = [[r["damage"] for r in rows if r["sample"] == s] for s in range(n)]
+    return {"full_steps": STEPS - len(forecast),
+            "together_psnr_db": [_psnr(d) for d in together],
+            "linear_psnr_db": [_psnr(sum(a)) for a in alone],
+            "independent_psnr_db": [_psnr(math.sqrt(sum(x * x for x in a))) for a in alone],
+            "worst_window_psnr_db": [_psnr(max(a)) for a in alone]}
 
 
 def _mean(xs: list[float]) -> float:
@@ -196,6 +221,14 @@ def _markdown(results: list[dict], argv: str) -> str:
             corr = lambda x: "—" if math.isnan(x) else f"{x:+.2f}"  # —: the signal is constant there
             lines.append(f"| {f['signal']} | {f['cost']:.3f} | {corr(f['pooled'])} | {corr(f['across_steps'])} | "
                          f"{corr(f['across_samples'])} | {100 * f['worst_sample_found']:.0f}% |")
+        c = r["composition"]
+        lines += ["", f"Do the damages add up? All {len(r['windows'])} windows forecast in one run ({c['full_steps']} full "
+                  "steps; the default windows tile a fixed interval of 3) against what the same windows did alone, per sample (PSNR, dB):", "",
+                  "| sample | all windows together (measured) | sum of the damages alone | root sum of squares "
+                  "(independent) | the worst window alone |", "|---|---|---|---|---|"]
+        for s in range(r["samples"]):
+            lines.append(f"| {s} | {c['together_psnr_db'][s]:.1f} | {c['linear_psnr_db'][s]:.1f} | "
+                         f"{c['independent_psnr_db'][s]:.1f} | {c['worst_window_psnr_db'][s]:.1f} |")
         worst = ", ".join(f"window {w['window']}–{w['window'] + WINDOW - 1} sample {w['sample']}: {w['psnr_db']:.1f} dB"
                           for w in r["worst"])
         lines += ["", f"Most damaging (window, sample): {worst}.", ""]
