@@ -1,6 +1,7 @@
 """The coordinator: drives trajectories over a worker pool, whatever the backend.
 
-Latency mode: every sample is a :class:`~specdist.runtime.rule.Trajectory`. The coordinator
+Latency mode: every sample is a :class:`~specdist.runtime.rule.LatencyTrajectory` (the speculative
+rule's :class:`~specdist.runtime.rule.Trajectory` or Picard's). The coordinator
 submits the reference jobs its open window wants to idle workers (earliest window position first,
 across samples), hands results back to the trajectory as they arrive (in any order), and when a
 window closes cancels every in-flight job of the old window (mid-forward, through the workers'
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from .jobs import CANCELLED, DRAFT, GENERATION, STEP, Job, dtype_name
 from .pool import WorkerFailure, WorkerPool
-from .rule import FULL, Request, Trajectory
+from .rule import FULL, LatencyTrajectory, Request
 
 
 @dataclass
@@ -55,7 +56,7 @@ class RunResult:
     draft_jobs: list[int] = field(default_factory=list)  # latency: draft jobs submitted per sample
 
 
-def job_for(request: Request, job_id: int, sample: int, traj: Trajectory) -> Job:
+def job_for(request: Request, job_id: int, sample: int, traj: LatencyTrajectory) -> Job:
     """The pool job that serves a trajectory's :class:`~specdist.runtime.rule.Request`."""
     ts = traj.timestep(request.step)
     meta = ({"record": request.record, "start": request.start} if request.kind == FULL
@@ -85,7 +86,7 @@ class Coordinator:
                                 f"see runtime.job_timeout_s")
         return results, last_progress
 
-    def run_latency(self, trajs: list[Trajectory]) -> RunResult:
+    def run_latency(self, trajs: list[LatencyTrajectory]) -> RunResult:
         """Run every trajectory to its end; returns the committed final latents."""
         stats, pool = RunStats(), self.pool
         start = last = time.perf_counter()

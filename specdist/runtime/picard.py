@@ -3,8 +3,8 @@ by fixed-point iteration over a sliding window of states (ParaDiGMS, Shih et al.
 with drafted initial guesses.
 
 Pure tensor logic (no Ray, no torch.distributed, no timing), driven by the coordinator through the
-same interface as :class:`~specdist.runtime.rule.Trajectory`: :meth:`wanted`, :meth:`deliver`,
-:meth:`keeps`. What is committed depends only on the config, the seed and the model outputs —
+speculative rule's interface (:class:`~specdist.runtime.rule.LatencyTrajectory`): :meth:`wanted`,
+:meth:`deliver`, :meth:`keeps`. What is committed depends only on the config, the seed and the model outputs —
 never on how many workers computed them or when they arrived.
 
 One *round* over the window ``c … c+w`` (``w = min(picard.window, steps − c)``): the state ``x_c``
@@ -48,7 +48,7 @@ import torch
 from ..engine.exact_math import prediction_coefficients
 from ..sampling import scale_input, snapshot
 from .config import PICARD_INITS
-from .rule import FULL, Request
+from .rule import FULL, LatencyTrajectory, Request
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _x0_map(scheduler: Any, timestep: torch.Tensor) -> tuple[float, float] | Non
     return a, b
 
 
-class PicardTrajectory:
+class PicardTrajectory(LatencyTrajectory):
     """Per-sample state of the Picard rule.
 
     Args:
@@ -105,29 +105,18 @@ class PicardTrajectory:
                  dtype: torch.dtype = torch.float32) -> None:
         if init not in PICARD_INITS:
             raise ValueError(f"init must be one of {list(PICARD_INITS)}, not {init!r}")
-        self.timesteps = list(scheduler.timesteps)
-        self.steps = len(self.timesteps)
+        super().__init__(scheduler)
         self.window, self.tol, self.init, self.dtype = window, tol, init, dtype
         self.c = 0
         self.window_id = 0
         self.guesses: dict[int, _Guess] = {}
         self.results: dict[int, torch.Tensor] = {}
-        self.final: torch.Tensor | None = None
         self.stats = PicardStats()
         self._last_output: torch.Tensor | None = None  # the newest model output (drift drafts)
         self._last_at: tuple[int, torch.Tensor] | None = None  # (step, state) it was computed at
         self._open({0: _Guess(latents, scheduler)})
 
     # -- queries -------------------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        """Whether the final latents are known."""
-        return self.final is not None
-
-    def timestep(self, step: int) -> torch.Tensor:
-        """The scheduler timestep of ``step``."""
-        return self.timesteps[step]
-
     def wanted(self) -> list[Request]:
         """The round's full calls still missing, earliest position first."""
         if self.done:

@@ -40,6 +40,7 @@ sized under ``cache.max_cache_bytes`` exactly as in the engine) and is repeated 
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +97,44 @@ class TrajectoryStats:
     drafts: int = 0  # draft calls that ran a model
 
 
-class Trajectory:
+class LatencyTrajectory(ABC):
+    """One sample's trajectory as the latency-mode coordinator drives it: the jobs it still needs
+    (:meth:`wanted`), which of a closed window's jobs it still keeps (:meth:`keeps`), their results
+    (:meth:`deliver`), and ``final`` once it is done. ``window_id`` and ``stats`` (decisions, anchors,
+    windows, closed_at, errors, drafts) are the subclass's. Subclasses: :class:`Trajectory` (the
+    speculative rule) and :class:`~specdist.runtime.picard.PicardTrajectory`."""
+
+    window_id: int
+
+    def __init__(self, scheduler: Any) -> None:
+        self.timesteps = list(scheduler.timesteps)
+        self.steps = len(self.timesteps)
+        self.final: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the final latents are known."""
+        return self.final is not None
+
+    def timestep(self, step: int) -> torch.Tensor:
+        """The scheduler timestep of ``step``."""
+        return self.timesteps[step]
+
+    @abstractmethod
+    def wanted(self) -> list[Request]:
+        """The jobs the trajectory still needs, in the order it needs them."""
+
+    @abstractmethod
+    def keeps(self, request: Request) -> bool:
+        """Whether a job of a closed window is still needed."""
+
+    @abstractmethod
+    def deliver(self, request: Request, output: torch.Tensor | None, features: tuple[torch.Tensor, ...] = (),
+                meta: dict | None = None) -> None:
+        """Take the result of ``request``."""
+
+
+class Trajectory(LatencyTrajectory):
     """Per-sample state of the latency-mode rule.
 
     Args:
@@ -115,9 +153,8 @@ class Trajectory:
 
     def __init__(self, scheduler: Any, latents: torch.Tensor, cache: CacheConfig, rule: Rule | None, lookahead: int, *,
                  adaptive: bool = True, dtype: torch.dtype = torch.float32, reuse: bool = True) -> None:
+        super().__init__(scheduler)
         self.sched = scheduler
-        self.timesteps = list(scheduler.timesteps)
-        self.steps = len(self.timesteps)
         self.cfg, self.rule, self.kmax, self.adaptive, self.dtype = cache, rule, lookahead, adaptive, dtype
         self.speculate = rule is not None
         self.block_level = self.speculate and cache.granularity == "block"
@@ -145,19 +182,9 @@ class Trajectory:
         self.old_window = -1
         self.old_history: TaylorCache | None = None  # the closed window's history (its drafts' forecasts)
         self.old_results: dict[int, torch.Tensor] = {}
-        self.final: torch.Tensor | None = None
         self.stats = TrajectoryStats()
 
     # -- queries -------------------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        """Whether the final latents are known."""
-        return self.final is not None
-
-    def timestep(self, step: int) -> torch.Tensor:
-        """The scheduler timestep of ``step``."""
-        return self.timesteps[step]
-
     def wanted(self) -> list[Request]:
         """Every job the trajectory still needs, in the order it needs them (drafts first at a position)."""
         if self.done:

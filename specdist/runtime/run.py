@@ -20,7 +20,7 @@ from .jobs import WorkerSpec
 from .layout import job_layout
 from .pool import LocalPool
 from .picard import PicardTrajectory
-from .rule import Trajectory
+from .rule import LatencyTrajectory, Trajectory
 from .worker import StepWorker, encode_all
 
 
@@ -41,7 +41,7 @@ def worker_spec(cfg: Any, prompts: list[str], labels: list[str], guidance: float
 
 
 def build_trajectories(cfg: Any, adapter: Any, scheduler: Any, noise: torch.Tensor, dtype: torch.dtype,
-                       calibration: Calibration | None = None) -> list[Trajectory | PicardTrajectory]:
+                       calibration: Calibration | None = None) -> list[LatencyTrajectory]:
     """One latency-mode :class:`Trajectory` per sample (``noise[i]``), its rule made by the engine's
     decision module (verifier: the reference output itself), or with ``method: picard`` one
     :class:`~specdist.runtime.picard.PicardTrajectory`; states kept on the CPU."""
