@@ -94,11 +94,19 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return (a.double() - b.double()).flatten(1).pow(2).mean(dim=1).sqrt().tolist()
 
 
-def _window_run(bundle, run: tuple, cfg: CacheConfig, j: int) -> tuple[list[list[float]], torch.Tensor, torch.Tensor]:
+def _forecast_at(run: tuple, forecast: set[int], on_latents=None, **knobs):
+    """Block-level ``speca`` that forecasts exactly the steps ``forecast`` (each accepted, its check
+    still read) and computes every other step fully."""
+    cfg = CacheConfig(granularity="block", tau0=1.0, warmup=WARMUP, max_run=WINDOW,
+                      full_steps=[i for i in range(STEPS) if i not in forecast], **knobs)
+    return sample_cached(*run, "speca", cfg, progress=False, threshold_fn=lambda i: math.inf, on_latents=on_latents)
+
+
+def _window_run(run: tuple, j: int, probe: int, metric: str) -> tuple[list[list[float]], torch.Tensor, torch.Tensor]:
     """(readings [samples][WINDOW], latents after the window, final latents) of one window run."""
     after = {}
-    res = sample_cached(*run, "speca", cfg, progress=False, threshold_fn=lambda i: math.inf,
-                        on_latents=lambda i, x: after.setdefault("x", x.float().cpu()) if i == j + WINDOW - 1 else None)
+    res = _forecast_at(run, set(range(j, j + WINDOW)), probe_block=probe, metric=metric,
+                       on_latents=lambda i, x: after.setdefault("x", x.float().cpu()) if i == j + WINDOW - 1 else None)
     readings = [[float(e[i]) for i in range(j, j + WINDOW)] for e in res.stats.errors]
     return readings, after["x"], res.latents
 
@@ -124,19 +132,16 @@ def measure(model: str, n: int, windows: list[int]) -> dict:
     readings: dict[str, list[list[float]]] = {label: [] for label, *_ in PROBES}
     bar = tqdm(total=len(windows) * len(PROBES), desc=f"{model} verifier study", leave=False)
     for j in windows:
-        outside = [i for i in range(STEPS) if not j <= i < j + WINDOW]
+        expect = sum(weight[i] * cal.base[i] * (k + 1) ** cal.growth for k, i in enumerate(range(j, j + WINDOW)))
         for label, probe, metric in PROBES:
-            cfg = CacheConfig(granularity="block", tau0=1.0, warmup=WARMUP, full_steps=outside, max_run=WINDOW,
-                              probe_block=probe_index[probe], metric=metric)
-            read, after, final = _window_run(bundle, run, cfg, j)
+            read, after, final = _window_run(run, j, probe_index[probe], metric)
             readings[label].extend(read)
             if label == PROBES[0][0]:  # the default check's run also gives the damage and the oracle
                 damage = _rms(bundle.decode(final), ref)
                 injected = _rms(after, states[j + WINDOW - 1])
                 for s in range(n):
-                    expect = sum(weight[i] * cal.base[i] * (k + 1) ** cal.growth for k, i in enumerate(range(j, j + WINDOW)))
                     booked = sum(weight[i] * cal.gain[i] * e for i, e in zip(range(j, j + WINDOW), read[s]))
-                    rows.append({"window": j, "sample": s, "damage": damage[s], "psnr_db": 20 * math.log10(2 / damage[s]),
+                    rows.append({"window": j, "sample": s, "damage": damage[s], "psnr_db": _psnr(damage[s]),
                                  "injected": injected[s], "calibrated_expectation": expect,
                                  "calibrated_from_reading": booked})
             bar.update()
@@ -158,7 +163,7 @@ def measure(model: str, n: int, windows: list[int]) -> dict:
     return {"model": model, "class": bundle.adapter.model_class, "samples": n, "windows": windows,
             "held_out": model in HELD_OUT, "figures": figures, "rows": rows, "composition": composition,
             "worst": sorted(rows, key=lambda r: -r["damage"])[:5],
-            "readings": {k: v for k, v in readings.items()}}
+            "readings": readings}
 
 
 def _psnr(rms: float) -> float:
@@ -170,9 +175,7 @@ def _composition(bundle, run: tuple, ref: torch.Tensor, windows: list[int], rows
     fixed-interval-3 schedule) against the sum (linear) and the root of the sum of squares
     (independent errors) of the damages the same windows did alone, per sample."""
     forecast = {i for j in windows for i in range(j, j + WINDOW)}
-    cfg = CacheConfig(granularity="block", tau0=1.0, warmup=WARMUP, max_run=WINDOW,
-                      full_steps=[i for i in range(STEPS) if i not in forecast])
-    res = sample_cached(*run, "speca", cfg, progress=False, threshold_fn=lambda i: math.inf)
+    res = _forecast_at(run, forecast)
     together = _rms(bundle.decode(res.latents), ref)
     alone = [[r["damage"] for r in rows if r["sample"] == s] for s in range(n)]
     return {"full_steps": STEPS - len(forecast),
