@@ -50,6 +50,7 @@ from specdist.calibrate import calibration_for
 from specdist.engine.config import CacheConfig
 from specdist.engine.speculative import sample_cached
 from specdist.engine.target import budget_for
+from specdist.env import environment
 from specdist.loading import load_model
 from specdist.metrics.flops import block_flops, forward_flops
 from specdist.sampling import initial_noise, sample_full
@@ -205,7 +206,7 @@ def _figures(values: list[float], damage: list[float], rows: list[dict], n: int)
             "worst_sample_found": sum(hits) / len(hits)}
 
 
-def _markdown(results: list[dict], argv: str) -> str:
+def _markdown(results: list[dict], argv: str, env: dict) -> str:
     lines = ["# Which check predicts the final damage? (verifier study)", "",
              f"`python benchmarks/verifier_study.py{argv}` — {STEPS} steps, block-level order-2 forecasts; per window "
              f"of {WINDOW} forecasts (steps j, j+1; j every 3rd step from {WARMUP}), everything else computed fully. "
@@ -214,7 +215,8 @@ def _markdown(results: list[dict], argv: str) -> str:
              "averaged); across samples (per window, over its samples, averaged), and how often the signal's largest "
              "reading in a window is the sample that ends most damaged. Cost: the check's FLOPs over a full forward "
              f"(calibrated predictions at the {TARGET_DB:g} dB target's damage level, calibration seeds 1000…, "
-             "benchmark seeds 0…).", ""]
+             f"benchmark seeds 0…). Machine: {env['platform']}, {env['cpu_count']} CPU cores, device {env['device']}, "
+             f"torch {env['torch']}, diffusers {env['diffusers']}; nothing is timed or emulated.", ""]
     for r in results:
         tag = " — **held out** (no choice was made on it)" if r["held_out"] else ""
         lines += [f"## {r['model']} ({r['class']}, {r['samples']} samples, {len(r['windows'])} windows){tag}", "",
@@ -248,8 +250,9 @@ def main() -> None:
     results = [measure(m, args.samples, windows) for m in args.models]
     argv = "" if args.models == list(MODELS) and args.samples == 4 else \
         f" --models {' '.join(args.models)} --samples {args.samples}"
-    write_results(args.out, "verifier_study", {"steps": STEPS, "window": WINDOW, "results": results},
-                  _markdown(results, argv))
+    env = environment()
+    write_results(args.out, "verifier_study", {"steps": STEPS, "window": WINDOW, "environment": env, "results": results},
+                  _markdown(results, argv, env))
 
 
 if __name__ == "__main__":
