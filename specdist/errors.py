@@ -11,6 +11,11 @@ class ConfigError(SpecdistError, ValueError):
     """An invalid configuration: names the key, the value and what is allowed."""
 
 
+class UnsupportedError(SpecdistError, NotImplementedError):
+    """A feature this model (or this part of it) does not support: names the model, the feature
+    and, where there is one, what to use instead."""
+
+
 class CheckpointError(SpecdistError, FileNotFoundError):
     """A missing or malformed model path: names the path and what was expected."""
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from specdist.cli import main
 from specdist.config import METHODS
@@ -134,6 +135,29 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "output.dir '/proc/x' cannot be written" in lines[0], proc.stderr
+
+
+def test_a_feature_the_model_does_not_support_is_one_line_and_writes_nothing(tmp_path):
+    """Adapters refuse what a model cannot do (here: token level on HunyuanVideo's first-frame
+    token replacement) with an ``UnsupportedError``: the CLI prints it in one line, exits 2 and
+    leaves no output directory behind."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                           patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+                                           rope_axes_dim=(2, 2, 4), image_condition_type="token_replace")
+    model.save_pretrained(tmp_path / "m")
+    FlowMatchEulerDiscreteScheduler().save_pretrained(tmp_path / "m" / "scheduler")
+    out = tmp_path / "out"
+    proc = _run("generate", "--quiet", "--set", f"model={tmp_path / 'm'}", "--set", "method=specdiff", "--set", "steps=3",
+                "--set", "num_samples=1", "--set", "height=8", "--set", "width=8", "--set", "frames=2",
+                "--set", "runtime.backend=none", "--out", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "token-level caching is not supported" in lines[0], proc.stderr
+    assert not out.exists()
 
 
 def test_report_records_the_scheduler_used(tmp_path):

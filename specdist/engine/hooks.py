@@ -302,7 +302,7 @@ class SpeculationHooks:
     Raises:
         ValueError: ``probe_block`` out of range, an unknown granularity, or (block level) a
             branch submodule the adapter names that the block does not have.
-        NotImplementedError: block-level caching on a model whose adapter has no branch spec.
+        UnsupportedError (a NotImplementedError): block-level caching on a model whose adapter has no branch spec.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, probe_block: int = -1,

@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
+
 
 @dataclass(frozen=True)
 class StreamSpec:
@@ -192,12 +194,12 @@ class ModelAdapter(ABC):
 
     def branch_spec(self, model: nn.Module, index: int) -> BranchSpec:
         """Residual branches of block ``index`` (block-level caching)."""
-        raise NotImplementedError(f"{self.model_class}: block-level caching (cache.granularity: block) is not "
+        raise UnsupportedError(f"{self.model_class}: block-level caching (cache.granularity: block) is not "
                                   f"supported; use 'probe' or 'output'")
 
     def token_spec(self, model: nn.Module, index: int) -> TokenSpec:
         """Token-level facts of block ``index`` (``cache.granularity: token``)."""
-        raise NotImplementedError(f"{self.model_class}: token-level caching (cache.granularity: token) is not "
+        raise UnsupportedError(f"{self.model_class}: token-level caching (cache.granularity: token) is not "
                                   f"supported; use 'block'")
 
     def token_attention(self, module: nn.Module, run: Any, args: tuple, kwargs: dict,
@@ -206,7 +208,7 @@ class ModelAdapter(ABC):
         ``kwargs`` by its block) with queries from the selected tokens only: ``index[stream]`` is
         ``[rows, k]`` sorted token positions per stream. Returns the outputs of the selected tokens,
         one ``[rows, k, D]`` tensor per stream of the branch's :class:`TokenBranch`."""
-        raise NotImplementedError(f"{self.model_class}: no token-level attention")
+        raise UnsupportedError(f"{self.model_class}: no token-level attention")
 
     @abstractmethod
     def head_modules(self, model: nn.Module) -> list[str]:
@@ -280,16 +282,16 @@ class ModelAdapter(ABC):
     # ----- diffusers pipelines (users' local checkpoints) ---------------------------------------
     def pipeline_latent_size(self, pipe: Any, height: int, width: int, frames: int) -> tuple[int, int, int]:
         """(height, width, frames) in latent units for a pipeline's VAE."""
-        raise NotImplementedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
+        raise UnsupportedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
 
     def pipeline_conditioning(self, pipe: Any, prompts: list[str], class_labels: list[int],
                               guidance_scale: float, device: torch.device) -> Conditioning:
         """Encode prompts (or class labels) with the pipeline's own encoders."""
-        raise NotImplementedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
+        raise UnsupportedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
 
     def pipeline_decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Decode final latents with the pipeline's VAE to pixels in [-1, 1]."""
-        raise NotImplementedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
+        raise UnsupportedError(f"{self.model_class}: loading from a diffusers pipeline is not supported")
 
     # ----- specdist zoo prompt encoder ------------------------------------------------------------
     def prompt_conditioning(self, encoded: EncodedPrompts, uncond: EncodedPrompts | None = None,
@@ -298,7 +300,7 @@ class ModelAdapter(ABC):
         (``states [B, L, D]``, ``mask [B, L]`` bool, ``pooled [B, P]`` or ``None``) and that of the
         empty prompt ``uncond``, in the form this model's pipeline feeds its transformer.
         Differentiable (training builds its conditioning the same way)."""
-        raise NotImplementedError(f"{self.model_class}: no conditioning from the zoo's prompt encoder")
+        raise UnsupportedError(f"{self.model_class}: no conditioning from the zoo's prompt encoder")
 
     @abstractmethod
     def random_conditioning(self, model: nn.Module, batch: int, generator: torch.Generator,

@@ -16,6 +16,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
+from ..errors import UnsupportedError
 from .base import gather_rows
 from .hunyuan_tokens import rotary_rows
 
@@ -28,10 +29,10 @@ def _check(attn: nn.Module, mask: torch.Tensor | None) -> None:
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     if not isinstance(attn.processor, FluxAttnProcessor) or getattr(attn, "fused_projections", False):
-        raise NotImplementedError(f"FLUX token level: attention processor {type(attn.processor).__name__} "
+        raise UnsupportedError(f"FLUX token level: attention processor {type(attn.processor).__name__} "
                                   "(IP-adapter or fused projections) is not supported; use 'block'")
     if mask is not None and (mask.ndim != 4 or mask.shape[-2] != 1):
-        raise NotImplementedError("FLUX token level: only key masks ([B, 1, 1, S]) can be used with a query subset")
+        raise UnsupportedError("FLUX token level: only key masks ([B, 1, 1, S]) can be used with a query subset")
 
 
 def _attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
 from .base import (Conditioning, DualStreamAdapter, EncodedPrompts, StreamSpec, TokenBranch, TokenSpec,
                    timestep_batch)
 from .context_parallel import HUNYUAN_VIDEO_CP_PLAN, apply_hunyuan_video_mask
@@ -41,7 +42,7 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         # blocks: proj_mlp (rows of [video, text]), the attention's selected rows and the MLP's meet
         # in proj_out, which runs on the selected rows only and is scattered into its forecast.
         if model.config.image_condition_type == "token_replace":
-            raise NotImplementedError("HunyuanVideo with image_condition_type='token_replace': token-level caching "
+            raise UnsupportedError("HunyuanVideo with image_condition_type='token_replace': token-level caching "
                                       "is not supported (its blocks treat the first frame's tokens apart)")
         both = ("video", "text")
         if index < len(model.transformer_blocks):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
 from .base import (BranchSpec, Conditioning, EncodedPrompts, ModelAdapter, TokenBranch, TokenSpec,
                    timestep_batch)
 
@@ -41,7 +42,7 @@ class WanAdapter(ModelAdapter):
         # one video stream; self-attention on selected queries; cross-attention and FFN row-wise;
         # the text (block argument 1) is attended to and never refreshed
         if model.config.added_kv_proj_dim is not None:
-            raise NotImplementedError("Wan I2V (image cross-attention): token-level caching is not supported")
+            raise UnsupportedError("Wan I2V (image cross-attention): token-level caching is not supported")
         return TokenSpec(("video",), {"attn1": TokenBranch("attention"), "attn2": TokenBranch("rows"),
                                       "ffn": TokenBranch("rows")}, context=("encoder_hidden_states", 1),
                          kv={"attn1.to_k": "video", "attn1.to_v": "video"})

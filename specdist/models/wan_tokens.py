@@ -12,6 +12,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
+from ..errors import UnsupportedError
 from .base import gather_rows
 
 
@@ -29,7 +30,7 @@ def self_attention_subset(attn: nn.Module, x: torch.Tensor, rotary: tuple[torch.
     """``[B, k, D]`` output of the selected tokens ``index [B, k]`` of Wan's ``attn1`` on ``x [B, N, D]``;
     ``rotary`` = (cos, sin) each ``[1, N, 1, d]``."""
     if attn.add_k_proj is not None or attn.fused_projections:
-        raise NotImplementedError("Wan token level: image-conditioned or fused attention is not supported")
+        raise UnsupportedError("Wan token level: image-conditioned or fused attention is not supported")
     query = attn.norm_q(attn.to_q(gather_rows(x, index)))
     key, value = attn.norm_k(attn.to_k(x)), attn.to_v(x)
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
